@@ -1,0 +1,54 @@
+"""The `llmctl` command tree. Each command lives in its own thin module; torch loads lazily."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from .eval_cmd import eval_cmd
+from .inspect_params import inspect_params
+from .prepare import prepare
+from .sample import sample
+from .train import train
+from .validate_config import validate_config
+
+app = typer.Typer(
+    name="llmctl",
+    help="Build, train, evaluate and sample decoder-only language models from configuration.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.command("prepare", help="Download and tokenize a dataset into memory-mapped token files.",
+            )(prepare)
+app.command("validate-config", help="Check YAML / JSON / JSONL configs and flags without "
+            "training.")(validate_config)
+app.command("train", help="Train a model (CPU, one GPU, or many through torchrun).")(train)
+app.command("eval", help="Loss and perplexity of a checkpoint on a dataset split or text.")(
+    eval_cmd)
+app.command("sample", help="Generate text from a checkpoint.")(sample)
+app.command("inspect-params", help="Parameters (total / active), FLOPs, KV-cache and memory "
+            "estimates.")(inspect_params)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool | None = typer.Option(None, "--version", "-V", callback=_version,
+                                           is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Build, train, evaluate and sample decoder-only language models from configuration."""
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,64 @@
+"""Human-readable description of a resolved config (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schema import BlockConfig, RunConfig
+
+
+def attention_label(b: BlockConfig) -> tuple[str, str]:
+    """(heads, kv description) for one block."""
+    if b.attn == "mla":
+        kv = f"q_lat={b.q_latent_dim} kv_lat={b.kv_latent_dim}"
+        if b.rope_head_dim:
+            kv += f" rope={b.rope_head_dim}"
+        return str(b.n_head), kv
+    return str(b.n_head), f"kv_heads={b.kv_heads}"
+
+
+def ffn_label(b: BlockConfig) -> str:
+    if not b.moe:
+        return f"mlp {b.non_linearity} {b.up_dim}"
+    balance = (f"aux-free α={b.alpha} γ={b.gamma}" if b.aux_free else f"aux coeff={b.coeff}")
+    return (f"moe {b.n_exp} experts ({b.n_shared} shared, {b.n_act} active) "
+            f"{b.non_linearity} {b.up_dim}, {balance}")
+
+
+@dataclass
+class LayerGroup:
+    first: int
+    last: int
+    block: BlockConfig
+
+    @property
+    def span(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+def layer_groups(run: RunConfig) -> list[LayerGroup]:
+    """Consecutive equal layers merged, so a homogeneous model is one row."""
+    groups: list[LayerGroup] = []
+    for i, layer in enumerate(run.model.layers):
+        if groups and groups[-1].block == layer:
+            groups[-1].last = i
+        else:
+            groups.append(LayerGroup(i, i, layer))
+    return groups
+
+
+def training_summary(run: RunConfig, world_size: int = 1) -> dict[str, object]:
+    t = run.train
+    micro = run.tokens_per_micro_step(world_size)
+    return {
+        "dataset": f"{t.data_dir}/{t.dataset}",
+        "tokens per step": t.total_batch_size,
+        "micro-batch": f"{t.batch_size} × {run.model.block_size} tokens"
+                       + (f" × {world_size} ranks" if world_size > 1 else ""),
+        "grad accumulation steps": (t.total_batch_size // micro
+                                    if t.total_batch_size % micro == 0 else "not an integer"),
+        "steps": t.max_iters,
+        "learning rate": f"{t.learning_rate:g} → {t.final_lr:g} (warmup {t.warmup_steps}, "
+                         "cosine)",
+        "run folder": f"{t.out_dir}/{t.file_name}",
+    }
