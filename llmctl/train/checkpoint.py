@@ -1,0 +1,295 @@
+"""Checkpoint folders: safe to write (temp folder + rename), safe to read (no unpickling).
+
+A checkpoint is a folder holding
+  model.safetensors    weights (fp32), tied tensors stored once
+  config.json          {"format", "llmctl_version", "config": RunConfig.to_dict(), "step",
+                        "metrics", "tokenizer", "created"}
+  optimizer.pt         optimizer state, for resume (read with weights_only=True)
+  trainer_state.json   everything else resume needs (RNG, data sampler, best val, wandb id)
+plus any tokenizer files the tokenizer spec names (e.g. a .tiktoken rank file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..config import ConfigError, RunConfig, load_config
+from ..errors import LlmctlError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+OPTIMIZER = "optimizer.pt"
+TRAINER_STATE = "trainer_state.json"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(LlmctlError):
+    pass
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    run: RunConfig
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dedupe_tied(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
+    """Tensors sharing storage (tied embeddings) are stored once; aliases map name -> kept name."""
+    kept: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen and tensor.numel() > 0:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = tensor.detach().to("cpu").contiguous()
+    return kept, aliases
+
+
+def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.Tensor],
+                    run: RunConfig, step: int, metrics: Mapping[str, Any] | None = None,
+                    tokenizer: Mapping[str, Any] | None = None, files: Iterable[Path] = (),
+                    optimizer_state: Mapping[str, Any] | None = None,
+                    trainer_state: Mapping[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically; the previous one at `path` survives any crash.
+
+    Written into a hidden temp folder, then swapped in with renames. Between the two renames
+    the previous checkpoint lives on as `.NAME.old`, which `resolve_checkpoint` recovers.
+    `files` (e.g. tokenizer rank files) are copied in beside the weights.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    parent = path.parent
+    tmp, old = parent / f".{path.name}.tmp", parent / f".{path.name}.old"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors, aliases = _dedupe_tied(state_dict)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={
+            "format": str(FORMAT), "aliases": json.dumps(aliases)})
+        for src in files:
+            shutil.copyfile(src, tmp / Path(src).name)
+        if optimizer_state is not None:
+            torch.save(dict(optimizer_state), tmp / OPTIMIZER)
+        if trainer_state is not None:
+            _write_json(tmp / TRAINER_STATE, trainer_state)
+        _write_json(tmp / CONFIG, {
+            "format": FORMAT,
+            "llmctl_version": __version__,
+            "config": run.to_dict(),
+            "step": int(step),
+            "metrics": dict(metrics or {}),
+            "tokenizer": dict(tokenizer) if tokenizer is not None else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        # RuntimeError: torch.save's writer reports I/O failures (e.g. a full disk) that way
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists() and old.exists():
+            os.replace(old, path)
+        reason = getattr(err, "strerror", None) or str(err)
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous "
+                              "checkpoint (if any) is intact") from None
+    return path
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    # protocol-2+ pickles start with 0x80; torch.save writes a zip archive ("PK")
+    return head[:1] == b"\x80" or head[:2] == b"PK"
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise CheckpointError(
+        f"{path} is a pickle file; llmctl never unpickles weights (a pickle can run arbitrary "
+        f"code). Point at a checkpoint folder holding {WEIGHTS} and {CONFIG}.")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder for `path`: a checkpoint, or a run folder (best, else latest)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix in _PICKLE_SUFFIXES or _looks_like_pickle(path):
+            _refuse_pickle(path)
+        if path.name in (CONFIG, WEIGHTS):
+            return resolve_checkpoint(path.parent)
+        raise CheckpointError(f"{path} is a file; expected a checkpoint folder (with {CONFIG} "
+                              f"and {WEIGHTS}) or a run folder")
+    if not path.exists():
+        old = path.parent / f".{path.name}.old"
+        if old.is_dir() and (old / CONFIG).is_file():
+            os.replace(old, path)  # a save was interrupted between its two renames
+        else:
+            raise CheckpointError(f"checkpoint folder {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    if (path / CONFIG).is_file():
+        return path
+    for name in ("best", "latest"):
+        candidate = path / name
+        if (candidate / CONFIG).is_file() or (path / f".{name}.old" / CONFIG).is_file():
+            return resolve_checkpoint(candidate)
+    pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles and not (path / WEIGHTS).exists():
+        _refuse_pickle(path / pickles[0])
+    raise CheckpointError(f"{path} is not a checkpoint: {CONFIG} is missing (and there is no "
+                          "best/ or latest/ checkpoint inside)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Config, step, metrics and tokenizer spec of a checkpoint (weights are not read)."""
+    folder = resolve_checkpoint(path)
+    try:
+        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder / CONFIG} is unreadable or not JSON: {err}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{folder / CONFIG} has no 'config' section; not an llmctl "
+                              "checkpoint")
+    if raw.get("format", FORMAT) > FORMAT:
+        raise CheckpointError(f"{folder} was written by a newer llmctl (format "
+                              f"{raw.get('format')}); upgrade llmctl to read it")
+    try:
+        run = load_config(raw["config"], check_batch_split=False)
+    except ConfigError as err:
+        raise CheckpointError(f"{folder / CONFIG} holds an invalid config:\n{err}") from None
+    return CheckpointInfo(path=folder, run=run, step=int(raw.get("step", 0)),
+                          metrics=raw.get("metrics") or {}, tokenizer=raw.get("tokenizer"),
+                          raw=raw)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in `folder`, aliases (tied tensors) restored."""
+    from safetensors import SafetensorError, safe_open
+
+    file = folder / WEIGHTS
+    if not file.is_file():
+        others = [p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if others:
+            _refuse_pickle(others[0])
+        raise CheckpointError(f"{file} is missing")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{file} is truncated or corrupted ({err}); restore it from a "
+                              "good copy or use another checkpoint") from None
+    for name, target in aliases.items():
+        if target in tensors:
+            tensors[name] = tensors[target]
+    return tensors
+
+
+def load_weights(folder: Path, model: torch.nn.Module) -> None:
+    """Load weights into `model`; anything but an exact fit is refused, every mismatch listed."""
+    tensors = read_weights(folder)
+    expected = model.state_dict()
+    problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items()
+                if name not in tensors]
+    problems += [f"unexpected {name}" for name in tensors if name not in expected]
+    problems += [f"{name}: checkpoint has {tuple(tensors[name].shape)}, model needs "
+                 f"{tuple(t.shape)}" for name, t in expected.items()
+                 if name in tensors and tensors[name].shape != t.shape]
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more"
+                                               if len(problems) > 10 else "")
+        raise CheckpointError(f"weights in {folder / WEIGHTS} do not fit the model its "
+                              f"config.json describes:\n  {shown}")
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu"):
+    """(model in eval mode on `device`, CheckpointInfo) from a checkpoint or run folder."""
+    from ..model import LLM
+
+    info = read_checkpoint(path)
+    model = LLM(info.run.model)
+    load_weights(info.path, model)
+    model.to(device)
+    model.eval()
+    return model, info
+
+
+def load_training_state(path: str | os.PathLike) -> tuple[dict | None, dict]:
+    """(optimizer state or None, trainer state) of a checkpoint, for resume."""
+    import torch
+
+    folder = resolve_checkpoint(path)
+    optimizer_state = None
+    if (folder / OPTIMIZER).is_file():
+        try:
+            optimizer_state = torch.load(folder / OPTIMIZER, map_location="cpu",
+                                         weights_only=True)
+        except Exception as err:  # weights_only refuses anything but tensors and containers
+            raise CheckpointError(f"{folder / OPTIMIZER} cannot be read safely: {err}") from None
+    trainer_state: dict = {}
+    if (folder / TRAINER_STATE).is_file():
+        try:
+            trainer_state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{folder / TRAINER_STATE} is unreadable: {err}") from None
+    return optimizer_state, trainer_state
