@@ -7,6 +7,7 @@ import typer
 from .. import __version__
 from .eval_cmd import eval_cmd
 from .inspect_params import inspect_params
+from .options import normalize_option
 from .prepare import prepare
 from .sample import sample
 from .train import train
@@ -14,11 +15,14 @@ from .validate_config import validate_config
 
 app = typer.Typer(
     name="llmctl",
-    help="Build, train, evaluate and sample decoder-only language models from configuration.",
+    help="Build, train, evaluate and sample decoder-only language models from configuration. "
+    "Every flag works with underscores or dashes (--n_layer / --n-layer).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # `--n-layer` and `--n_layer` are one flag: option names are normalized to underscores
+    context_settings={"help_option_names": ["-h", "--help"],
+                      "token_normalize_func": normalize_option},
 )
 
 app.command("prepare", help="Download and tokenize a dataset into memory-mapped token files.",

@@ -1,4 +1,8 @@
-"""Every config parameter as a CLI flag, in both spellings (`--n_layer` and `--n-layer`).
+"""Every config parameter as a CLI flag.
+
+Flags are declared in the reference's spelling (`--n_layer`, `--aux_free/--no_aux_free`); the
+app's `token_normalize_func` (see `normalize_option`) maps dashes to underscores, so `--n-layer`
+and `--no-aux-free` work too without doubling every row of `--help`.
 
 `with_config_options` adds them to a Typer command; the command receives `config_files`
 (from `--config`, repeatable) and `overrides` (only the flags the user actually typed),
@@ -68,18 +72,18 @@ def _is_bool(annotation: Any) -> bool:
     return annotation is bool
 
 
+def normalize_option(name: str) -> str:
+    """Click calls this on option names (without the leading dashes), typed and declared."""
+    return name.replace("-", "_")
+
+
 def _param(name: str, annotation: Any, panel: str, help_text: str) -> inspect.Parameter:
-    dashed = name.replace("_", "-")
     if _is_bool(annotation):
-        decls = [f"--{name}/--no-{name}"]
-        if dashed != name:
-            decls.append(f"--{dashed}/--no-{dashed}")
-        option = typer.Option(None, *decls, help=help_text, rich_help_panel=panel,
-                              show_default=False)
+        option = typer.Option(None, f"--{name}/--no_{name}", help=help_text,
+                              rich_help_panel=panel, show_default=False)
         kind = bool | None
     else:
-        decls = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
-        option = typer.Option(None, *decls, help=help_text, rich_help_panel=panel,
+        option = typer.Option(None, f"--{name}", help=help_text, rich_help_panel=panel,
                               metavar=_metavar(name, annotation), show_default=False)
         kind = str | None  # the loader coerces, so every source gives the same messages
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,

@@ -18,7 +18,7 @@ def validate_config(
         None, help="Config files (YAML, JSON object or array, JSONL), lowest precedence first."),
     as_json: bool = typer.Option(False, "--json", help="Print the resolved config as JSON "
                                  "(readable back with --config)."),
-    world_size: int | None = typer.Option(None, "--world_size", "--world-size", min=1,
+    world_size: int | None = typer.Option(None, "--world_size", min=1,
                                              help="Data-parallel ranks to check the batch "
                                              "split for (default: $WORLD_SIZE or 1)."),
     config_files: list[Path] = (),

@@ -157,18 +157,18 @@ class TrainConfig:
     grad_clip: float = _f(1.0, help="Gradient-norm clipping threshold (0 disables).",
                           panel="Training")
     act_recomp: bool = _f(False, help="Activation recomputation (checkpointing) per block.",
-                          panel="Training")
-    compile: bool = _f(False, help="Compile the model with torch.compile.", panel="Training")
+                          panel="Performance")
+    compile: bool = _f(False, help="Compile the model with torch.compile.", panel="Performance")
     device: str = _f("auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.",
-                     panel="Training")
+                     panel="Performance")
     dtype: str = _f("auto", help="auto (bf16 autocast on CUDA if supported, else fp16; fp32 "
-                    "on CPU), float32, bfloat16 or float16.", panel="Training")
+                    "on CPU), float32, bfloat16 or float16.", panel="Performance")
     seed: int = _f(1337, help="Random seed (model init, data sampling, dropout).",
                    panel="Training")
     fsdp: bool = _f(False, help="Shard parameters with FSDP2 instead of DDP under torchrun.",
-                    panel="Training")
+                    panel="Performance")
     peak_flops: float | None = _f(None, help="Peak FLOP/s per device for MFU (default: "
-                                  "looked up from the GPU name).", panel="Training")
+                                  "looked up from the GPU name).", panel="Performance")
     eval: bool = _f(False, help="Periodically evaluate on the train and val splits.",
                     panel="Evaluation")
     eval_interval: int = _f(100, help="Steps between evaluations.", panel="Evaluation")

@@ -1,0 +1,202 @@
+"""validate-config through the real CLI: summaries, JSON round trip, and a corpus of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmctl.cli import app
+from llmctl.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+SMALL = ["--block_size", "64", "--total_batch_size", "128"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_every_command_instantly():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("prepare", "validate-config", "train", "eval", "sample", "inspect-params"):
+        assert command in result.output
+    out = subprocess.run([sys.executable, "-c", "import sys, llmctl.cli; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert out.stdout.strip() == "False"  # --help never pays for importing torch
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("llmctl ")
+
+
+def test_validate_help_shows_both_spellings_and_panels():
+    result = invoke("validate-config", "--help")
+    assert result.exit_code == 0
+    for text in ("--n_layer", "--aux_free", "--no_aux_free", "--layer_configs_jsonl",
+                 "--total_batch_size_str", "Attention", "MoE"):
+        assert text in result.output
+
+
+# Command lines as parameters.md and the reference scripts write them.
+REFERENCE_LINES = [
+    ["--dataset", "shakespeare", "--total_batch_size_str", "2**11", "--batch_size", "2",
+     "--max_iters", "100", "--learning_rate", "7e-5", "--warmup_steps", "50", "--grad_clip",
+     "0.9", "--eval", "--eval_interval", "25", "--eval_iters", "10", "--save_model",
+     "--ckpt_interval", "20", "--file_name", "llm_model", "--act_recomp", "--wandb_log",
+     "--wandb_project", "llms", "--wandb_run_name", "trial", "--n_layer", "5", "--n_embd", "512",
+     "--vocab_size", "50304", "--block_size", "512", "--dropout", "0.01", "--pos_emb", "rope",
+     "--norm", "rms", "--up_dim", "256", "--non_linearity", "swiglu", "--attn", "mla",
+     "--n_head", "8", "--n_kv_heads", "4", "--q_latent_dim", "32", "--kv_latent_dim", "32",
+     "--rope_head_dim", "16", "--moe", "--n_exp", "16", "--n_shared", "2", "--n_act", "8",
+     "--aux_free", "--alpha", "0.0001", "--gamma", "0.001", "--coeff", "0.01", "--compile"],
+    ["--attn", "gqa", "--n_kv_heads", "2", "--moe", "--aux_free", "--n_exp", "8", "--n_shared",
+     "1", "--n_act", "2", "--alpha", "1e-4", "--gamma", "1e-3", *SMALL],
+    ["--layer_configs_jsonl", str(REPO / "layer_configs.jsonl"), "--n_layer", "8", "--pos_emb",
+     "rope", *SMALL],
+    ["--n-layer", "4", "--n-embd", "128", "--total-batch-size-str", "8*64", "--block-size",
+     "64", "--no-moe", "--act-recomp", "--save-model", "--no-aux-free", "--no_compile"],
+]
+
+
+@pytest.mark.parametrize("line", REFERENCE_LINES, ids=range(len(REFERENCE_LINES)))
+def test_reference_style_command_lines(line):
+    result = invoke("validate-config", *line)
+    assert result.exit_code == 0, result.output
+    assert "config OK" in result.output
+
+
+def test_dashed_and_underscored_spellings_are_one_flag():
+    a = invoke("validate-config", "--json", "--n-layer", "3", "--aux-free", "--no-eval", *SMALL)
+    b = invoke("validate-config", "--json", "--n_layer", "3", "--aux_free", "--no_eval", *SMALL)
+    assert a.exit_code == 0, a.output
+    data = json.loads(a.output)
+    data["train"]["wandb_run_name"] = json.loads(b.output)["train"]["wandb_run_name"]
+    assert data == json.loads(b.output)
+    assert data["model"]["n_layer"] == 3 and data["layers"][0]["aux_free"] is True
+
+
+def test_flags_reach_the_config():
+    result = invoke("validate-config", "--json", *REFERENCE_LINES[0])
+    data = json.loads(result.output)
+    assert data["train"]["total_batch_size"] == 2048 and data["train"]["act_recomp"] is True
+    assert data["layers"][0]["attn"] == "mla" and data["layers"][0]["aux_free"] is True
+    assert len(data["layers"]) == 5 and data["model"]["norm"] == "rms"
+
+
+def test_json_output_reads_back_equal(tmp_path):
+    args = ["--attn", "gqa", "--n_kv_heads", "2", "--pos_emb", "rope", "--wandb_run_name", "x",
+            "--layer_configs_jsonl", str(REPO / "layer_configs.jsonl"), *SMALL]
+    result = invoke("validate-config", "--json", *args)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "resolved.json").write_text(result.output)
+    again = invoke("validate-config", "--json", "--config", str(tmp_path / "resolved.json"))
+    assert json.loads(again.output) == json.loads(result.output)
+    assert load_config(tmp_path / "resolved.json") == load_config(
+        overrides={"attn": "gqa", "n_kv_heads": "2", "pos_emb": "rope", "wandb_run_name": "x",
+                   "layer_configs_jsonl": str(REPO / "layer_configs.jsonl"), "block_size": "64",
+                   "total_batch_size": "128"})
+
+
+def test_summary_table_for_heterogeneous_model():
+    result = invoke("validate-config", str(REPO / "layer_configs.jsonl"), "--pos_emb", "rope",
+                    *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "mla" in result.output and "kv_heads=2" in result.output
+    assert "grad accumulation steps" in result.output
+
+
+def _bad_files(tmp: Path) -> list[tuple[str, list[str]]]:
+    def f(name: str, content: str | bytes) -> str:
+        path = tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+    (tmp / "folder.yaml").mkdir()
+    return [
+        ("malformed yaml", [f("bad.yaml", "n_layer: [1, 2\nattn: mha\n")]),
+        ("yaml tabs", [f("tabs.yaml", "model:\n\tn_layer: 3\n")]),
+        ("malformed json", [f("bad.json", '{"n_layer": 3,,}')]),
+        ("json trailing", [f("trail.json", '{"n_layer": 3} extra')]),
+        ("malformed jsonl", [f("bad.jsonl", '{"attn": "mha"}\n{oops\n')]),
+        ("binary file", [f("bin.yaml", b"\x00\x01\x02\xff" * 50)]),
+        ("not utf8", [f("latin.yaml", "attn: m\xe9a\n".encode("latin-1"))]),
+        ("empty file", [f("empty.yaml", "")]),
+        ("whitespace only", [f("blank.json", "  \n\n ")]),
+        ("directory", [str(tmp / "folder.yaml")]),
+        ("missing path", [str(tmp / "nope.yaml")]),
+        ("unsupported suffix", [f("conf.toml", "n_layer = 3")]),
+        ("scalar yaml", [f("scalar.yaml", "42\n")]),
+        ("wrong types", [f("types.yaml", "n_layer: six\nbatch_size: [1]\nmoe: maybe\n")]),
+        ("nan", [f("nan.yaml", "learning_rate: .nan\n")]),
+        ("json nan", [f("nan.json", '{"dropout": NaN}')]),
+        ("inf", [f("inf.json", '{"learning_rate": 1e999}')]),
+        ("huge", [f("huge.yaml", "n_embd: 1000000000000000000000000\n")]),
+        ("negative", [f("neg.yaml", "n_layer: -3\nmax_iters: -1\n")]),
+        ("unknown key", [f("unk.yaml", "n_heads: 8\n")]),
+        ("unknown section key", [f("sect.yaml", "model:\n  learning_rate: 0.1\n")]),
+        ("layer unknown key", [f("l.jsonl", '{"attn":"mha","n_head":8,"moe":false,'
+                                            '"up_dim":8,"non_linearity":"relu","n_heads":2}\n')]),
+        ("layer not a dict", [f("arr.json", "[1, 2, 3]")]),
+        ("deep nesting", [f("deep.json", "[" * 5000 + "]" * 5000)]),
+        ("yaml python tag", [f("tag.yaml", "n_layer: !!python/object/apply:os.system ['true']\n")]),
+        ("yaml alias bomb", [f("bomb.yaml", "a: &a [x, x]\nb: &b [*a, *a]\nn_layer: *b\n")]),
+    ]
+
+
+FLAG_CASES = [
+    ("bad int flag", ["--batch_size", "two"]),
+    ("bad float flag", ["--learning_rate", "fast"]),
+    ("bad bool value", ["--n_layer", "true"]),
+    ("bad enum flag", ["--attn", "flash"]),
+    ("injection", ["--total_batch_size_str", "__import__('os').system('echo pwned')"]),
+    ("bad layer json", ["--layer_configs", "[{]"]),
+    ("both layer flags", ["--layer_configs", "[]", "--layer_configs_jsonl", "x.jsonl"]),
+    ("missing jsonl", ["--layer_configs_jsonl", "/nonexistent/layers.jsonl"]),
+    ("mla without dims", ["--attn", "mla"]),
+    ("moe without experts", ["--moe"]),
+    ("indivisible batch", ["--total_batch_size", "1000"]),
+    ("negative dropout", ["--dropout", "-0.5"]),
+]
+
+
+def test_bad_input_corpus_exits_2_without_traceback(tmp_path):
+    cases = [(name, args) for name, args in _bad_files(tmp_path)] + FLAG_CASES
+    assert len(cases) >= 30
+    for name, args in cases:
+        result = invoke("validate-config", *SMALL, *args)
+        assert result.exit_code == 2, (name, result.output)
+        assert isinstance(result.exception, SystemExit), (name, result.exception)
+        assert "Traceback" not in result.output, name
+        assert "error: invalid configuration" in result.output, (name, result.output)
+
+
+def test_every_problem_is_listed_once():
+    result = invoke("validate-config", "--n_head", "3", "--attn", "gqq", "--batch_size", "0",
+                    *SMALL)
+    assert result.exit_code == 2
+    assert "(3 problems)" in result.output
+    for key in ("model.n_head", "model.attn", "train.batch_size"):
+        assert key in result.output
+
+
+@pytest.mark.slow
+def test_real_process_bad_input_has_no_traceback(tmp_path):
+    (tmp_path / "bad.yaml").write_text("n_layer: [oops\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["validate-config", str(tmp_path / "bad.yaml")],
+                 ["validate-config", "--total_batch_size_str", "__import__('os')"],
+                 ["validate-config", str(tmp_path)]):
+        out = subprocess.run([sys.executable, "-m", "llmctl", *args], capture_output=True,
+                             text=True, env=env, timeout=60)
+        assert out.returncode == 2, out
+        assert "Traceback" not in out.stderr + out.stdout
+        assert "error:" in out.stderr
