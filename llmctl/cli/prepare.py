@@ -1,10 +1,143 @@
-"""llmctl prepare."""
+"""llmctl prepare: download / read a corpus and tokenize it into DATA_DIR/NAME."""
 
 from __future__ import annotations
 
-from ._common import not_implemented
+import contextlib
+import json
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from ._common import user_errors
+
+if TYPE_CHECKING:
+    from ..data.prepare import PrepareResult
+
+_SOURCE = "Source"
+_TOKENS = "Tokenization"
+_SIZES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
-def prepare() -> None:
-    """(not implemented yet)"""
-    not_implemented("prepare")
+def _count(value: str | None, flag: str) -> int | None:
+    """'1000000', '1e6', '10M', '10B' -> an integer count."""
+    if value is None:
+        return None
+    from ..errors import LlmctlError
+
+    match = re.fullmatch(r"\s*([0-9_]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", value.lower())
+    if not match:
+        raise LlmctlError(f"{flag} {value!r} is not a count (e.g. 1000000, 1e6, 50M, 10B)")
+    return int(float(match.group(1).replace("_", "")) * _SIZES[match.group(2)])
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the partial output is removed before exiting."""
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+    try:
+        previous = signal.signal(signal.SIGTERM, _exit)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare(
+    dataset: str | None = typer.Argument(
+        None, metavar="DATASET", show_default=False,
+        help="shakespeare (Tiny Shakespeare from karpathy/char-rnn; $LLMCTL_SHAKESPEARE_URL "
+        "overrides the address), tinystories, wikitext or fineweb (Hugging Face datasets); "
+        "with --source, any output name."),
+    source: str | None = typer.Option(
+        None, "--source", metavar="PATH|URL", rich_help_panel=_SOURCE, show_default=False,
+        help="Local text / JSONL / JSON / parquet file or folder, or an http(s) URL. For a "
+        "named dataset: its local copy (e.g. a hub download) instead of the network."),
+    name: str | None = typer.Option(
+        None, "--name", rich_help_panel=_SOURCE, show_default=False,
+        help="Output name: DATA_DIR/NAME (default: the dataset, or the source's file stem)."),
+    data_dir: Path = typer.Option(
+        Path("data"), "--data_dir", "--data-dir", rich_help_panel=_SOURCE,
+        help="Folder holding prepared datasets."),
+    text_field: str = typer.Option(
+        "text", "--text_field", "--text-field", rich_help_panel=_SOURCE,
+        help="Field holding the text in JSON / parquet / hub rows."),
+    subset: str | None = typer.Option(
+        None, "--subset", rich_help_panel=_SOURCE, show_default=False,
+        help="Hub config: wikitext-103-raw-v1 (default) or wikitext-2-raw-v1, ...; fineweb: "
+        "sample-10BT (default), sample-100BT, ..."),
+    streaming: bool | None = typer.Option(
+        None, "--streaming/--no-streaming", rich_help_panel=_SOURCE, show_default=False,
+        help="Stream hub data instead of downloading it whole (default: fineweb streams)."),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache_dir", "--cache-dir", rich_help_panel=_SOURCE, show_default=False,
+        help="Hugging Face datasets cache folder (default: theirs)."),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", rich_help_panel=_TOKENS, show_default=False,
+        help="gpt2 (default), another tiktoken encoding (cl100k_base, ...), char or byte."),
+    tokenizer_file: Path | None = typer.Option(
+        None, "--tokenizer_file", "--tokenizer-file", rich_help_panel=_TOKENS,
+        show_default=False, metavar="PATH",
+        help="Local .tiktoken rank file (e.g. gpt2.tiktoken), used instead of downloading; "
+        "also $LLMCTL_TIKTOKEN_FILE. Copied into the dataset."),
+    val_fraction: float | None = typer.Option(
+        None, "--val_fraction", "--val-fraction", rich_help_panel=_TOKENS, show_default=False,
+        help="Validation share when the source has no validation split: the last fraction "
+        "of tokens (text sources; default 0.1), or a seeded fraction of documents (fineweb; "
+        "default 0.001)."),
+    max_tokens: str | None = typer.Option(
+        None, "--max_tokens", "--max-tokens", rich_help_panel=_TOKENS, show_default=False,
+        metavar="COUNT", help="Stop after this many tokens in all (e.g. 50M, 10B)."),
+    num_proc: int | None = typer.Option(
+        None, "--num_proc", "--num-proc", min=1, rich_help_panel=_TOKENS, show_default=False,
+        help="Tokenizer worker processes (default: CPUs, at most 8)."),
+    seed: int = typer.Option(1337, "--seed", rich_help_panel=_TOKENS,
+                             help="Seed of the held-out document split."),
+    force: bool = typer.Option(False, "--force", "-f",
+                               help="Redo a finished dataset (and re-download the source)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the dataset's meta.json."),
+) -> None:
+    """Tokenize a dataset into DATA_DIR/NAME/{train.bin,val.bin,meta.json}."""
+    from ..data.prepare import PrepareOptions, prepare_dataset
+
+    with user_errors(), _sigterm_cleans_up():
+        opts = PrepareOptions(
+            dataset=dataset, source=source, name=name, data_dir=data_dir,
+            tokenizer=tokenizer, tokenizer_file=tokenizer_file, text_field=text_field,
+            subset=subset, val_fraction=val_fraction,
+            max_tokens=_count(max_tokens, "--max_tokens"), num_proc=num_proc, seed=seed,
+            force=force, streaming=streaming, cache_dir=cache_dir, progress=not quiet)
+        result = prepare_dataset(opts)
+    if result.skipped:
+        typer.echo(f"{result.folder} is already prepared with these settings (pass --force "
+                   "to redo it)", err=True)
+    if as_json:
+        typer.echo(json.dumps(result.meta, indent=2, ensure_ascii=False))
+        return
+    _print_summary(result)
+
+
+def _print_summary(result: PrepareResult) -> None:
+    from ..data.tokenizers import describe_spec
+
+    meta = result.meta
+    state = "already prepared" if result.skipped else "prepared"
+    typer.echo(f"{state} {meta['name']} in {result.folder}")
+    typer.echo(f"  source     {meta['source']}")
+    typer.echo(f"  tokenizer  {describe_spec(meta['tokenizer'])}: vocab_size "
+               f"{meta['vocab_size']}, eot_id {meta['eot_id']}, {meta['dtype']}")
+    total = 0
+    for split, entry in meta["splits"].items():
+        total += entry["tokens"]
+        typer.echo(f"  {split:<10} {entry['tokens']:,} tokens")
+    if not result.skipped:
+        typer.echo(f"  took {result.seconds:.1f}s "
+                   f"({total / max(result.seconds, 1e-9):,.0f} tokens/s)")

@@ -1,0 +1,151 @@
+"""The on-disk layout of a prepared dataset: `DATA_DIR/NAME/{train.bin,val.bin,meta.json}`.
+
+meta.json is written last, so a folder without a readable meta.json is never a finished
+dataset. Token files are flat little-endian `uint16` (vocabulary <= 65536) or `uint32`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ..config.schema import DATASETS
+from ..errors import LlmctlError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+DTYPES = ("uint16", "uint32")
+DEFAULT_DATA_DIR = "data"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def split_file(split: str) -> str:
+    return f"{split}.bin"
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """The smallest token dtype holding ids 0 .. vocab_size-1."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def check_name(name: str) -> str:
+    """A dataset name is one plain folder name (no separators, no leading dot)."""
+    if not _NAME.fullmatch(name or "") or name in (".", ".."):
+        raise LlmctlError(f"dataset name {name!r} must be a plain folder name (letters, digits, "
+                          "'.', '_', '-'; not starting with '.')")
+    return name
+
+
+def prepare_hint(name: str, data_dir: str | Path) -> str:
+    """The `llmctl prepare ...` command that creates DATA_DIR/NAME."""
+    extra = "" if str(data_dir) == DEFAULT_DATA_DIR else f" --data_dir {data_dir}"
+    if name in DATASETS:
+        return f"llmctl prepare {name}{extra}"
+    return f"llmctl prepare --source PATH --name {name}{extra}"
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """meta.json of a prepared dataset folder, checked for the keys readers rely on."""
+    path = folder / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LlmctlError(f"{folder} has no {META_FILE}: it is not a finished dataset (an "
+                          f"interrupted prepare?); run `{prepare_hint(folder.name, folder.parent)}"
+                          " --force`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LlmctlError(f"{path} is unreadable or corrupt ({err}); run "
+                          f"`{prepare_hint(folder.name, folder.parent)} --force`") from None
+    problems = _meta_problems(meta)
+    if problems:
+        raise LlmctlError(f"{path} is not a valid dataset description: {'; '.join(problems)}; "
+                          f"run `{prepare_hint(folder.name, folder.parent)} --force`")
+    return meta
+
+
+def _meta_problems(meta: Any) -> list[str]:
+    if not isinstance(meta, dict):
+        return ["not a JSON object"]
+    version = meta.get("format")
+    if not isinstance(version, int):
+        return ["no integer 'format'"]
+    if version > FORMAT_VERSION:
+        return [f"format {version} is newer than this llmctl reads ({FORMAT_VERSION}); "
+                "upgrade llmctl"]
+    problems = [f"missing '{key}'" for key in ("tokenizer", "vocab_size", "eot_id", "dtype",
+                                               "splits") if key not in meta]
+    if meta.get("dtype") not in DTYPES:
+        problems.append(f"dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        problems.append("'splits' is not a non-empty object")
+    else:
+        for split, entry in splits.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                    and isinstance(entry.get("tokens"), int) and entry["tokens"] >= 0):
+                problems.append(f"splits.{split} needs 'file' and a token count 'tokens'")
+            elif Path(entry["file"]).name != entry["file"]:
+                problems.append(f"splits.{split}.file must be a plain file name")
+    return problems
+
+
+def _temp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path` (created like any file: umask applies),
+    flush it to disk, then rename it into place."""
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
+    """sha256 of a file (or of `length` bytes from `start`), read in blocks."""
+    digest = hashlib.sha256()
+    remaining = length
+    with open(path, "rb") as f:
+        f.seek(start)
+        while remaining is None or remaining > 0:
+            block = f.read(1 << 22 if remaining is None else min(1 << 22, remaining))
+            if not block:
+                break
+            digest.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return digest.hexdigest()
+
+
+def check_split_files(folder: Path, meta: dict[str, Any]) -> None:
+    """Every split file exists with exactly the size meta.json records."""
+    itemsize = 2 if meta["dtype"] == "uint16" else 4
+    hint = f"run `{prepare_hint(folder.name, folder.parent)} --force`"
+    for split, entry in meta["splits"].items():
+        path = folder / entry["file"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise LlmctlError(f"{path} ({split} split) is missing; {hint}") from None
+        expected = entry["tokens"] * itemsize
+        if size != expected:
+            raise LlmctlError(f"{path} has {size} bytes but meta.json records {entry['tokens']} "
+                              f"{meta['dtype']} tokens ({expected} bytes): it was truncated or "
+                              f"replaced; {hint}")

@@ -1,0 +1,272 @@
+"""Reading a prepared dataset: memory-mapped splits, random training windows, eval windows.
+
+Random windows are a pure function of (seed, global sample index): sample j of the run is
+the window starting at `hash(seed, j) mod (N - block_size)`. Every data-parallel rank uses
+the same seed and, on each call, takes its own rows of the *global* batch of
+`world_size * batch_size` samples (rank r: rows r*B .. (r+1)*B-1). So ranks see different
+data, and the windows of an optimisation step depend only on the total batch, not on how it
+is split over ranks and gradient-accumulation micro-steps: a 2-rank run sees exactly the
+windows of a 1-rank run with the same total batch, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LlmctlError
+from . import layout
+from .tokenizers import Tokenizer, tokenizer_files, tokenizer_from_spec
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixed hash of uint64 values."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def window_starts(seed: int, sample_indices: np.ndarray, num_starts: int) -> np.ndarray:
+    """Start offsets in [0, num_starts) of the given global samples of a seeded run."""
+    key = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        z = key + (sample_indices.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+    return (_mix64(z) % np.uint64(num_starts)).astype(np.int64)
+
+
+def _too_small(name: str, tokens: int, block_size: int) -> LlmctlError:
+    return LlmctlError(f"{name} has {tokens:,} tokens, too few for block_size {block_size} "
+                       f"(needs at least {block_size + 1}); prepare more data or lower "
+                       "block_size")
+
+
+def _to_tensors(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) int64 tensors from windows of T+1 tokens: y is x shifted by one."""
+    windows = windows.astype(np.int64)  # (B, T+1)
+    x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
+    return x, y
+
+
+class RandomBatchSampler:
+    """Seeded random windows of one split; `next_batch()` -> (x, y), int64 of shape (B, T).
+
+    The state (`state_dict`) is JSON: the seed and how many global samples were drawn.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, name: str = "split") -> None:
+        if batch_size < 1 or block_size < 1:
+            raise LlmctlError(f"batch_size ({batch_size}) and block_size ({block_size}) must be "
+                              "positive")
+        if not 0 <= rank < world_size:
+            raise LlmctlError(f"rank {rank} is not in 0..world_size-1 ({world_size})")
+        if len(tokens) < block_size + 1:
+            raise _too_small(name, len(tokens), block_size)
+        self.tokens, self.name = tokens, name
+        self.batch_size, self.block_size = batch_size, block_size
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.samples_drawn = 0  # global samples (all ranks) drawn so far
+        # Row i is tokens[i : i + T + 1]; a view, nothing is read until indexed.
+        self._windows = np.lib.stride_tricks.sliding_window_view(tokens, block_size + 1)
+
+    @property
+    def num_starts(self) -> int:
+        return len(self.tokens) - self.block_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def starts(self) -> np.ndarray:
+        """This rank's window starts for the next call (without advancing)."""
+        first = self.samples_drawn + self.rank * self.batch_size
+        return window_starts(self.seed, np.arange(first, first + self.batch_size),
+                             self.num_starts)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.starts()
+        self.samples_drawn += self.global_batch
+        return _to_tensors(self._windows[starts])  # one gather, no per-row Python loop
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "random_windows", "version": 1, "seed": self.seed,
+                "samples_drawn": self.samples_drawn, "batch_size": self.batch_size,
+                "block_size": self.block_size, "world_size": self.world_size,
+                "num_tokens": int(len(self.tokens))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where `state` left off; refuses the state of another dataset or window size."""
+        if not isinstance(state, dict) or state.get("kind") != "random_windows":
+            raise LlmctlError("not a random-window sampler state")
+        for key, ours in (("num_tokens", len(self.tokens)), ("block_size", self.block_size)):
+            if state.get(key) != ours:
+                raise LlmctlError(f"sampler state is for {key}={state.get(key)}, but {self.name} "
+                                  f"has {key}={ours}: resume with the same dataset and block_size")
+        self.seed = int(state["seed"])
+        self.samples_drawn = int(state["samples_drawn"])
+
+
+class SequentialBatches:
+    """Every token of a split, in non-overlapping windows of block_size, for a full eval.
+
+    Window i covers inputs tokens[i*T : i*T+T] and targets one further; every token after the
+    first is a target exactly once. The N-1 targets rarely divide by T: the remainder r forms
+    a last, shorter window that comes alone as a (1, r) batch, after the (<= B, T) batches.
+    With world_size > 1, rank r takes windows r, r + world_size, ... (tail included).
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, rank: int = 0,
+                 world_size: int = 1, name: str = "split") -> None:
+        if batch_size < 1 or block_size < 1:
+            raise LlmctlError(f"batch_size ({batch_size}) and block_size ({block_size}) must be "
+                              "positive")
+        if not 0 <= rank < world_size:
+            raise LlmctlError(f"rank {rank} is not in 0..world_size-1 ({world_size})")
+        if len(tokens) < 2:
+            raise _too_small(name, len(tokens), 1)
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        targets = len(tokens) - 1
+        self.num_full, self.tail = divmod(targets, block_size)
+        count = self.num_full + (1 if self.tail else 0)
+        self._mine = np.arange(rank, count, world_size)  # this rank's window indices
+        self._full = self._mine[self._mine < self.num_full]
+        self._has_tail = bool(self.tail) and (self._mine == self.num_full).any()
+
+    @property
+    def num_targets(self) -> int:
+        """Target tokens this rank's batches hold (all ranks together: N - 1)."""
+        return len(self._full) * self.block_size + (self.tail if self._has_tail else 0)
+
+    def __len__(self) -> int:
+        return -(-len(self._full) // self.batch_size) + int(self._has_tail)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        T = self.block_size
+        if len(self._full):
+            windows = np.lib.stride_tricks.sliding_window_view(self.tokens, T + 1)
+            for first in range(0, len(self._full), self.batch_size):
+                starts = self._full[first:first + self.batch_size] * T
+                yield _to_tensors(windows[starts])
+        if self._has_tail:
+            start = self.num_full * T
+            yield _to_tensors(np.asarray(self.tokens[start:start + self.tail + 1])[None])
+
+
+class PreparedDataset:
+    """A prepared dataset folder: meta.json, memory-mapped splits and its tokenizer."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise LlmctlError(f"dataset folder {self.folder} does not exist; run "
+                              f"`{layout.prepare_hint(self.folder.name, self.folder.parent)}`")
+        self.meta = layout.read_meta(self.folder)
+        layout.check_split_files(self.folder, self.meta)
+        self._maps: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, data_dir: str | Path, name: str) -> PreparedDataset:
+        """DATA_DIR/NAME, with a message naming the prepare command when it is missing."""
+        folder = Path(data_dir) / name
+        if not folder.is_dir():
+            raise LlmctlError(f"dataset {name!r} is not prepared in {data_dir}: run "
+                              f"`{layout.prepare_hint(name, data_dir)}` first")
+        return cls(folder)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name", self.folder.name))
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (the model's vocab_size may be larger)."""
+        return int(self.meta["vocab_size"])
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.meta["eot_id"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"]).newbyteorder("<")
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def tokenizer_spec(self) -> dict[str, Any]:
+        return self.meta["tokenizer"]
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_spec(self.tokenizer_spec, self.folder)
+
+    def tokenizer_files(self) -> list[Path]:
+        """Files beside meta.json the tokenizer needs (to copy into checkpoints)."""
+        return [self.folder / rel for rel in tokenizer_files(self.tokenizer_spec)]
+
+    @property
+    def max_token_id(self) -> int:
+        if "max_token_id" in self.meta:
+            return int(self.meta["max_token_id"])
+        return max(int(self.tokens(split).max()) for split in self.splits)  # older metas
+
+    def num_tokens(self, split: str) -> int:
+        return int(self._entry(split)["tokens"])
+
+    def _entry(self, split: str) -> dict[str, Any]:
+        if split not in self.meta["splits"]:
+            raise LlmctlError(f"dataset {self.name} has no split {split!r} (splits: "
+                              f"{', '.join(self.splits)})")
+        return self.meta["splits"][split]
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's tokens, memory-mapped read-only (nothing is read until indexed)."""
+        if split not in self._maps:
+            entry = self._entry(split)
+            path = self.folder / entry["file"]
+            if entry["tokens"] == 0:
+                self._maps[split] = np.empty(0, dtype=self.dtype)
+            else:
+                self._maps[split] = np.memmap(path, dtype=self.dtype, mode="r",
+                                              shape=(entry["tokens"],))
+        return self._maps[split]
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse a model whose vocab_size cannot embed every token id of this dataset."""
+        if self.max_token_id >= vocab_size:
+            raise LlmctlError(
+                f"dataset {self.name} has token ids up to {self.max_token_id} (tokenizer "
+                f"{self.tokenizer_spec.get('kind')}, vocabulary {self.vocab_size}), but the "
+                f"model's vocab_size is {vocab_size}; set vocab_size to at least "
+                f"{self.max_token_id + 1}")
+
+    def random_batches(self, split: str, batch_size: int, block_size: int, seed: int,
+                       rank: int = 0, world_size: int = 1) -> RandomBatchSampler:
+        return RandomBatchSampler(self.tokens(split), batch_size, block_size, seed, rank,
+                                  world_size, name=f"split {split!r} of dataset {self.name}")
+
+    def sequential_batches(self, split: str, batch_size: int, block_size: int, rank: int = 0,
+                           world_size: int = 1) -> SequentialBatches:
+        return SequentialBatches(self.tokens(split), batch_size, block_size, rank, world_size,
+                                 name=f"split {split!r} of dataset {self.name}")
+
+    def verify(self) -> None:
+        """Recompute every file's sha256 against meta.json (slow: reads everything)."""
+        for split, entry in self.meta["splits"].items():
+            expected = entry.get("sha256")
+            if expected and layout.sha256_file(self.folder / entry["file"]) != expected:
+                hint = layout.prepare_hint(self.name, self.folder.parent)
+                raise LlmctlError(f"{self.folder / entry['file']} ({split}) does not match its "
+                                  f"checksum; run `{hint} --force`")

@@ -1,0 +1,384 @@
+"""`prepare`: a source -> DATA_DIR/NAME/{train.bin,val.bin,meta.json}, atomically.
+
+Everything is written into a hidden `.NAME.partial-PID` folder, meta.json last, and the folder
+is renamed into place at the end; an interrupted run never leaves a folder that looks
+finished (stale partial folders are removed by the next run). A finished dataset with the
+same settings is not redone unless `force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..config.schema import DATASETS
+from ..errors import LlmctlError, one_of
+from . import layout
+from .hub import HUB_DATASETS, hub_plan
+from .pipeline import SplitWriter, TokenizerPool, batch_pieces
+from .progress import Progress
+from .sources import SourcePlan, is_url, local_plan, remove_tree, url_plan
+from .tokenizers import TIKTOKEN_FILE_ENV, CharTokenizer, Tokenizer, create_tokenizer
+
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
+SHAKESPEARE_URL_ENV = "LLMCTL_SHAKESPEARE_URL"  # overrides the download address
+DOWNLOADS = ".downloads"  # under DATA_DIR: fetched source files, reused by later runs
+_OUR_FILES = {"train.bin", "val.bin", "all.bin", layout.META_FILE, "tokenizer.tiktoken"}
+
+
+@dataclass
+class PrepareOptions:
+    dataset: str | None = None  # shakespeare | tinystories | wikitext | fineweb
+    source: str | None = None  # local file / folder or http(s) URL
+    name: str | None = None  # output folder name (default: dataset, or the source's stem)
+    data_dir: str | Path = layout.DEFAULT_DATA_DIR
+    tokenizer: str | None = None  # tiktoken encoding (default gpt2), char or byte
+    tokenizer_file: str | Path | None = None  # local .tiktoken rank file
+    text_field: str = "text"
+    subset: str | None = None  # hub config (wikitext-2-raw-v1, sample-10BT, ...)
+    val_fraction: float | None = None  # default 0.1 (fineweb: 0.001)
+    max_tokens: int | None = None
+    num_proc: int | None = None  # default min(8, CPUs)
+    seed: int = 1337
+    force: bool = False
+    streaming: bool | None = None  # default: the dataset's own (fineweb streams)
+    cache_dir: str | Path | None = None  # Hugging Face datasets cache
+    progress: bool = True
+
+    @property
+    def effective_val_fraction(self) -> float:
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.001 if self.dataset == "fineweb" else 0.1
+
+
+@dataclass
+class PrepareResult:
+    folder: Path
+    meta: dict[str, Any]
+    skipped: bool  # already prepared with the same settings: nothing was done
+    seconds: float
+
+
+def prepare_dataset(opts: PrepareOptions) -> PrepareResult:
+    """Prepare (or find already prepared) the dataset `opts` describes."""
+    start = time.perf_counter()
+    _check_options(opts)
+    name = layout.check_name(_output_name(opts))
+    data_dir = Path(opts.data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LlmctlError(f"cannot create data_dir {data_dir}: {err.strerror or err}") from None
+    fingerprint = _fingerprint(opts, name)
+    final = data_dir / name
+    with _lock(data_dir, name):
+        for stale in [*data_dir.glob(f".{name}.partial-*"), *data_dir.glob(f".{name}.old-*")]:
+            remove_tree(stale)  # left by a killed run; the lock says none is running
+        existing = _existing(final, fingerprint, opts.force)
+        if existing is not None:
+            return PrepareResult(final, existing, True, time.perf_counter() - start)
+        partial = data_dir / f".{name}.partial-{os.getpid()}"
+        partial.mkdir()
+        try:
+            meta = _build(opts, name, data_dir, partial, fingerprint, start)
+            _install(partial, final)
+        except BaseException:
+            remove_tree(partial)
+            raise
+    return PrepareResult(final, meta, False, time.perf_counter() - start)
+
+
+def _check_options(opts: PrepareOptions) -> None:
+    if opts.dataset is None and opts.source is None:
+        raise LlmctlError(f"name a dataset ({', '.join(DATASETS)}) or pass --source PATH|URL")
+    if opts.dataset is not None and opts.dataset not in DATASETS and opts.source is None:
+        raise LlmctlError(f"unknown dataset: {one_of(opts.dataset, DATASETS)}; or pass "
+                          "--source PATH|URL (and --name) to prepare your own text")
+    if opts.val_fraction is not None and not 0 < opts.val_fraction < 1:
+        raise LlmctlError(f"--val_fraction {opts.val_fraction} must be between 0 and 1")
+    if opts.max_tokens is not None and opts.max_tokens < 2:
+        raise LlmctlError(f"--max_tokens {opts.max_tokens} must be at least 2")
+    if opts.num_proc is not None and opts.num_proc < 1:
+        raise LlmctlError(f"--num_proc {opts.num_proc} must be at least 1")
+    if opts.subset and opts.dataset not in HUB_DATASETS:
+        raise LlmctlError(f"--subset is for {', '.join(HUB_DATASETS)}")
+    if opts.subset and opts.subset not in HUB_DATASETS[opts.dataset].subsets:
+        subsets = HUB_DATASETS[opts.dataset].subsets
+        raise LlmctlError(f"--subset for {opts.dataset}: {one_of(opts.subset, subsets)}")
+
+
+def _registry_dataset(opts: PrepareOptions) -> str | None:
+    return opts.dataset if opts.dataset in DATASETS else None
+
+
+def _output_name(opts: PrepareOptions) -> str:
+    if opts.name:
+        return opts.name
+    if opts.dataset:  # a registry dataset, or the name given to --source data
+        return opts.dataset
+    source = str(opts.source).rstrip("/")
+    stem = Path(source.split("?")[0]).stem if is_url(source) else Path(source).stem
+    return stem or "dataset"
+
+
+def _fingerprint(opts: PrepareOptions, name: str) -> dict[str, Any]:
+    """The settings that decide a dataset's content: equal ones mean "already prepared"."""
+    dataset = _registry_dataset(opts)
+    source = opts.source
+    if source is not None and not is_url(source):
+        source = str(Path(source).resolve())
+    elif source is None and dataset == "shakespeare":
+        source = os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_URL
+    file = opts.tokenizer_file or (os.environ.get(TIKTOKEN_FILE_ENV)
+                                   if opts.tokenizer not in ("char", "byte") else None)
+    file_sha = None
+    if file:
+        with contextlib.suppress(OSError):
+            file_sha = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    return {"dataset": dataset, "source": source, "tokenizer": opts.tokenizer or "gpt2",
+            "tokenizer_file_sha256": file_sha, "text_field": opts.text_field,
+            "subset": opts.subset or (HUB_DATASETS[dataset].subsets[0]
+                                      if dataset in HUB_DATASETS else None),
+            "val_fraction": opts.effective_val_fraction, "max_tokens": opts.max_tokens,
+            "seed": opts.seed}
+
+
+@contextlib.contextmanager
+def _lock(data_dir: Path, name: str) -> Iterator[None]:
+    """One prepare per dataset name at a time (released by the OS even on SIGKILL)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        yield
+        return
+    path = data_dir / f".{name}.lock"
+    busy = LlmctlError(f"another `llmctl prepare` is writing {data_dir / name} right now; "
+                       "wait for it to finish")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        try:  # the file may have been unlinked by the run that held it
+            if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+                raise busy
+        except FileNotFoundError:
+            raise busy from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _existing(final: Path, fingerprint: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """meta.json of a finished dataset with these settings; None when it must be (re)made."""
+    if not final.exists():
+        return None
+    if not final.is_dir():
+        raise LlmctlError(f"{final} exists and is not a folder; remove it or choose --name")
+    others = sorted(p.name for p in final.iterdir() if p.name not in _OUR_FILES)
+    try:
+        meta = layout.read_meta(final)
+        layout.check_split_files(final, meta)
+    except LlmctlError:  # an unfinished or damaged dataset: redone, if only ours is there
+        meta = None
+    if meta is None or force:
+        if others:  # replacing the folder would delete them
+            raise LlmctlError(f"{final} holds files that prepare did not write "
+                              f"({', '.join(others[:5])}); move them or choose --name")
+        return None
+    old = meta.get("options", {})
+    changed = [f"{key}: {old.get(key)!r} before, {value!r} now"
+               for key, value in fingerprint.items() if old.get(key) != value]
+    if changed:
+        raise LlmctlError(f"{final} is already prepared with other settings ("
+                          f"{'; '.join(changed)}); pass --force to replace it, or --name to "
+                          "prepare a separate dataset")
+    return meta
+
+
+def _install(partial: Path, final: Path) -> None:
+    """Swap the finished partial folder into place (the old dataset goes only after)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(partial, final)
+        remove_tree(old)
+    else:
+        os.rename(partial, final)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _plan(opts: PrepareOptions, data_dir: Path) -> SourcePlan:
+    downloads = data_dir / DOWNLOADS
+    dataset, source = _registry_dataset(opts), opts.source
+    if dataset in HUB_DATASETS:
+        if source is not None and is_url(source):
+            raise LlmctlError(f"--source for {dataset} must be a local copy (a folder or file "
+                              "of parquet / JSON(L)); download it first")
+        return hub_plan(dataset, source=source, subset=opts.subset, text_field=opts.text_field,
+                        streaming=opts.streaming, cache_dir=opts.cache_dir)
+    if dataset == "shakespeare" and source is None:
+        url = os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_URL
+        return url_plan(url, downloads, opts.text_field, refresh=opts.force,
+                        what="Tiny Shakespeare")
+    if is_url(source):
+        return url_plan(source, downloads, opts.text_field, refresh=opts.force)
+    return local_plan(Path(source), opts.text_field)
+
+
+def _fit_chars(plan: SourcePlan, opts: PrepareOptions) -> CharTokenizer:
+    """The char vocabulary of everything the tokenization pass can reach (with max_tokens:
+    the first max_tokens characters of each stream, a superset of what gets written)."""
+    def texts() -> Iterator[str]:
+        for stream in plan.streams:
+            seen = 0
+            for text, _, _ in stream.pieces():
+                yield text
+                seen += len(text)
+                if opts.max_tokens and seen >= opts.max_tokens:
+                    break
+    return CharTokenizer.fit(texts())
+
+
+def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
+           fingerprint: dict[str, Any], start: float) -> dict[str, Any]:
+    tokenizer: Tokenizer | None = None
+    if opts.tokenizer != "char":  # fail on a bad tokenizer before any download
+        tokenizer = create_tokenizer(opts.tokenizer, opts.tokenizer_file)
+    elif opts.tokenizer_file:
+        raise LlmctlError("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
+    plan = _plan(opts, data_dir)
+    if tokenizer is None:
+        tokenizer = _fit_chars(plan, opts)
+    tokenizer.save_files(partial)
+    dtype = layout.dtype_for_vocab(tokenizer.vocab_size)
+    num_proc = opts.num_proc or min(8, os.cpu_count() or 1)
+    with TokenizerPool(tokenizer, partial, dtype, num_proc) as pool:
+        writers = _tokenize(plan, pool, partial, dtype, opts, name)
+    splits = _finish_splits(plan, writers, partial, opts.effective_val_fraction)
+    if sum(entry["tokens"] for entry in splits.values()) == 0:
+        raise LlmctlError(f"source {plan.description} has no text")
+    for split, entry in splits.items():
+        if entry["tokens"] == 0:
+            raise LlmctlError(f"the {split} split of {plan.description} came out empty; use "
+                              "more data or a larger --val_fraction")
+    checksums = {entry["file"]: entry["sha256"] for entry in splits.values()}
+    if tokenizer.spec.get("sha256"):
+        checksums[tokenizer.spec["file"]] = tokenizer.spec["sha256"]
+    meta = {
+        "format": layout.FORMAT_VERSION,
+        "dataset": _registry_dataset(opts) or name,
+        "name": name,
+        "source": plan.description,
+        "tokenizer": tokenizer.spec,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype,
+        "byte_order": "little",
+        "max_token_id": max(max(w.max_id for w in writers.values()), 0),
+        "splits": splits,
+        "split_policy": plan.split_policy,
+        "checksums": {"algorithm": "sha256", **checksums},
+        "options": fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - start, 3),
+        "llmctl_version": __version__,
+    }
+    layout.write_json_atomic(partial / layout.META_FILE, meta)  # last: the dataset is whole
+    return meta
+
+
+def _tokenize(plan: SourcePlan, pool: TokenizerPool, partial: Path, dtype: str,
+              opts: PrepareOptions, name: str) -> dict[str, SplitWriter]:
+    """Run every stream through the pool into per-split writers, honouring max_tokens."""
+    writers: dict[str, SplitWriter] = {}
+    fraction = opts.effective_val_fraction
+    rng = np.random.default_rng(opts.seed)
+    try:
+        for stream in plan.streams:
+            if plan.split_policy == "heldout":
+                def route() -> str:
+                    return "val" if rng.random() < fraction else "train"
+            else:
+                def route(split: str = stream.split) -> str:
+                    return split
+            cap = _cap(plan, stream.split, writers, opts.max_tokens, fraction)
+            if cap is not None and cap <= 0:
+                continue
+            label = f"{name} [{stream.label}]"
+            with Progress(label, stream.total, stream.unit, cap, opts.progress) as bar:
+                written = 0
+                for item, tokens in pool.map(batch_pieces(stream.pieces(), route)):
+                    if cap is not None:
+                        tokens = tokens[:cap - written]
+                    if item.split not in writers:
+                        writers[item.split] = SplitWriter(
+                            partial / layout.split_file(item.split), dtype)
+                    writers[item.split].write(tokens)
+                    written += len(tokens)
+                    bar.advance(item.units, len(tokens))
+                    if cap is not None and written >= cap:
+                        break
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return writers
+
+
+def _cap(plan: SourcePlan, split: str, writers: dict[str, SplitWriter],
+         max_tokens: int | None, fraction: float) -> int | None:
+    """Tokens this stream may still add: own splits give val its fraction of max_tokens."""
+    if max_tokens is None:
+        return None
+    if plan.split_policy == "own" and split == "val":
+        return max(1, int(max_tokens * fraction))
+    return max_tokens - sum(w.tokens for w in writers.values())
+
+
+def _finish_splits(plan: SourcePlan, writers: dict[str, SplitWriter], partial: Path,
+                   fraction: float) -> dict[str, dict[str, Any]]:
+    """{split: {file, tokens, sha256}}; the tail policy cuts all.bin into train and val."""
+    for split in layout.SPLITS:
+        if split not in writers and plan.split_policy != "tail":  # an empty split
+            writers[split] = SplitWriter(partial / layout.split_file(split), "uint16")
+            writers[split].close()
+    if plan.split_policy != "tail":
+        return {split: {"file": layout.split_file(split), "tokens": writers[split].tokens,
+                        "sha256": writers[split].sha256} for split in layout.SPLITS}
+    whole = writers.get("all")
+    total = whole.tokens if whole else 0
+    n_train = min(max(int(total * (1 - fraction)), 1), max(total - 1, 0)) if total else 0
+    itemsize = whole.dtype.itemsize if whole else 2
+    all_path = partial / layout.split_file("all")
+    train_path, val_path = (partial / layout.split_file(s) for s in layout.SPLITS)
+    if not all_path.exists():
+        all_path.touch()
+    with open(all_path, "rb") as src, open(val_path, "wb") as dst:
+        src.seek(n_train * itemsize)
+        while block := src.read(1 << 22):
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.truncate(all_path, n_train * itemsize)
+    os.replace(all_path, train_path)
+    return {"train": {"file": train_path.name, "tokens": n_train,
+                      "sha256": layout.sha256_file(train_path)},
+            "val": {"file": val_path.name, "tokens": total - n_train,
+                    "sha256": layout.sha256_file(val_path)}}
