@@ -1,10 +1,85 @@
-"""llmctl eval."""
+"""llmctl eval: loss and perplexity of a checkpoint on a dataset split or a text file."""
 
 from __future__ import annotations
 
-from ._common import not_implemented
+import json
+from pathlib import Path
+
+import typer
+
+from ._common import user_errors
+
+_DATA = "Data"
 
 
-def eval_cmd() -> None:
-    """(not implemented yet)"""
-    not_implemented("eval")
+def eval_cmd(
+    ckpt: Path | None = typer.Argument(
+        None, metavar="CKPT", show_default=False,
+        help="Checkpoint folder, or run folder (its best checkpoint, else latest)."),
+    model_path: Path | None = typer.Option(
+        None, "--model_path", "--model-path", show_default=False,
+        help="The checkpoint, as the reference names it (instead of CKPT)."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", show_default=False, rich_help_panel=_DATA,
+        help="Prepared dataset name (default: the one the checkpoint was trained on)."),
+    data_dir: str | None = typer.Option(
+        None, "--data_dir", "--data-dir", show_default=False, rich_help_panel=_DATA,
+        help="Folder holding prepared datasets (default: the checkpoint's)."),
+    split: str = typer.Option("val", "--split", rich_help_panel=_DATA,
+                              help="Split to evaluate: val or train."),
+    text_file: Path | None = typer.Option(
+        None, "--text", "--text_file", "--text-file", show_default=False, rich_help_panel=_DATA,
+        help="Evaluate this UTF-8 text file (whole, tokenized with the checkpoint's tokenizer) "
+        "instead of a dataset split."),
+    full: bool = typer.Option(
+        False, "--full", help="Whole split, deterministically, in non-overlapping block_size "
+        "windows (default: --eval_iters random batches, as the trainer estimates)."),
+    eval_iters: int | None = typer.Option(
+        None, "--eval_iters", "--eval-iters", min=1, show_default=False,
+        help="Random batches to average (default: the checkpoint's eval_iters)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch_size", "--batch-size", min=1, show_default=False,
+        help="Sequences per forward pass (default: the checkpoint's batch_size)."),
+    seed: int | None = typer.Option(
+        None, "--seed", show_default=False,
+        help="Seed of the random batches (default: the trainer's eval seed, the "
+        "checkpoint's seed + 1 for train, + 2 for val)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), float32, "
+        "bfloat16 or float16."),
+) -> None:
+    """Mean loss (nats/token) and perplexity of a checkpoint, batched, without gradients."""
+    from ..evaluate import EvalRequest, evaluate_checkpoint
+    from ..inference import checkpoint_argument, load_checkpoint
+
+    with user_errors():
+        path = checkpoint_argument(ckpt, model_path)
+        request = EvalRequest(dataset=dataset, data_dir=data_dir, split=split,
+                              text_file=str(text_file) if text_file is not None else None,
+                              full=full, eval_iters=eval_iters, batch_size=batch_size, seed=seed)
+        request.check()
+        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        report = evaluate_checkpoint(loaded, request)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    _print_table(report)
+
+
+def _print_table(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"eval of {report.checkpoint} (step {report.step})",
+                  title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    rows = {"data": report.source, "method": report.method,
+            "tokens evaluated": f"{report.tokens:,}", "loss": f"{report.loss:.4f}",
+            "perplexity": f"{report.perplexity:.3f}", "time": f"{report.seconds:.2f} s"}
+    for key, value in rows.items():
+        table.add_row(key, value)
+    Console().print(table)

@@ -1,10 +1,118 @@
-"""llmctl sample."""
+"""llmctl sample: generate text from a checkpoint, streamed to stdout."""
 
 from __future__ import annotations
 
-from ._common import not_implemented
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from ._common import user_errors
+
+_SAMPLING = "Sampling"
 
 
-def sample() -> None:
-    """(not implemented yet)"""
-    not_implemented("sample")
+def sample(
+    ckpt: Path | None = typer.Argument(
+        None, metavar="CKPT", show_default=False,
+        help="Checkpoint folder, or run folder (its best checkpoint, else latest)."),
+    model_path: Path | None = typer.Option(
+        None, "--model_path", "--model-path", show_default=False,
+        help="The checkpoint, as the reference names it (instead of CKPT)."),
+    prompt: str = typer.Option(
+        "Once upon a time", "--prompt", "-p",
+        help="Text to continue ('' starts from end-of-text; '-' reads stdin)."),
+    prompt_file: str | None = typer.Option(
+        None, "--prompt_file", "--prompt-file", metavar="PATH", show_default=False,
+        help="Read the prompt from a UTF-8 file ('-' = stdin); wins over --prompt."),
+    max_new_tokens: int = typer.Option(
+        300, "--max_new_tokens", "--max-new-tokens", min=0, rich_help_panel=_SAMPLING,
+        help="Tokens to generate per sample (fewer when end-of-text stops it)."),
+    temperature: float = typer.Option(
+        0.9, "--temperature", "-t", min=0.0, rich_help_panel=_SAMPLING,
+        help="Softmax temperature; 0 = greedy (argmax)."),
+    top_k: int = typer.Option(
+        200, "--top_k", "--top-k", min=0, rich_help_panel=_SAMPLING,
+        help="Sample among the k most likely tokens only (0 = off)."),
+    top_p: float | None = typer.Option(
+        None, "--top_p", "--top-p", min=0.0, max=1.0, show_default=False,
+        rich_help_panel=_SAMPLING,
+        help="Nucleus sampling: the smallest set of tokens holding probability p (default off)."),
+    num_samples: int = typer.Option(
+        1, "--num_samples", "--num-samples", "-n", min=1, rich_help_panel=_SAMPLING,
+        help="Independent samples to draw from the prompt."),
+    seed: int | None = typer.Option(
+        None, "--seed", show_default=False, rich_help_panel=_SAMPLING,
+        help="Random seed: the same seed gives the same text (default: a fresh one)."),
+    stop_at_eot: bool = typer.Option(
+        True, "--stop_at_eot/--no-stop_at_eot", "--stop-at-eot/--no-stop-at-eot",
+        rich_help_panel=_SAMPLING, help="Stop a sample at the end-of-text token."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object with every sample instead of streaming."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), float32, "
+        "bfloat16 or float16."),
+) -> None:
+    """Generate text from a checkpoint with its own tokenizer, using the KV cache."""
+    from ..inference import checkpoint_argument, load_checkpoint
+    from ..sampling import SampleSettings, encode_prompt, read_prompt
+
+    with user_errors():
+        path = checkpoint_argument(ckpt, model_path)
+        text = read_prompt(prompt, prompt_file)
+        settings = SampleSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k or None, top_p=top_p, num_samples=num_samples,
+                                  seed=seed, stop_at_eot=stop_at_eot)
+        settings.check()
+        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        tokens = encode_prompt(loaded.tokenizer, text, loaded.block_size)
+        if tokens.dropped:
+            typer.echo(f"warning: the prompt is {tokens.dropped + len(tokens.ids)} tokens, "
+                       f"longer than block_size {loaded.block_size}; the model sees only its "
+                       f"last {len(tokens.ids)}", err=True)
+        try:
+            samples = _run(loaded, tokens, settings, as_json)
+        except BrokenPipeError:  # e.g. piped into `head`: the reader is gone, stop quietly
+            # point stdout at devnull so the interpreter's final flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+    if as_json:
+        typer.echo(json.dumps({
+            "checkpoint": str(loaded.info.path), "step": loaded.info.step,
+            "prompt": text, "prompt_tokens": len(tokens.ids), "prompt_cropped": tokens.dropped,
+            "settings": {k: getattr(settings, k) for k in (
+                "max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "seed",
+                "stop_at_eot")},
+            "samples": [s.to_dict() for s in samples],
+        }, ensure_ascii=False))
+
+
+def _run(loaded, tokens, settings, as_json: bool) -> list:
+    """Stream each sample (prompt echoed, then the continuation) to stdout unless --json;
+    the speed of each to stderr."""
+    from ..sampling import generate_samples
+
+    out = sys.stdout
+
+    def emit(_index: int, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    if not as_json:
+        emit(0, tokens.text)
+    samples = []
+    for sample in generate_samples(loaded, tokens, settings, on_text=None if as_json else emit):
+        if not as_json:
+            more = sample.index + 1 < settings.num_samples
+            emit(sample.index, "\n" + ("---------------\n" + tokens.text if more else ""))
+        seed = f", seed {settings.seed}" if sample.index == 0 else ""
+        typer.echo(f"[sample {sample.index + 1}/{settings.num_samples}: "
+                   f"{len(sample.token_ids)} tokens in {sample.seconds:.2f} s, "
+                   f"{sample.tokens_per_s:.1f} tokens/s, stopped at {sample.stop_reason}{seed}]",
+                   err=True)
+        samples.append(sample)
+    return samples

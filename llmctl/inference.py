@@ -1,0 +1,86 @@
+"""What `sample` and `eval` share: device choice, autocast, a checkpoint's model + tokenizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import LlmctlError, one_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from .train.checkpoint import CheckpointInfo
+    from .train.precision import Precision
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def precision_for(device: str = "auto", dtype: str = "auto") -> Precision:
+    """The trainer's device choice (auto = cuda > mps > cpu) and autocast dtype, with a clear
+    error for a device or dtype name that is not one."""
+    import torch
+
+    from .train.precision import Precision
+
+    if dtype not in DTYPES:
+        raise LlmctlError(f"--dtype: {one_of(dtype, DTYPES)}")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        if device != "auto":
+            raise LlmctlError(f"--device {device!r} is not a device (use auto, cpu, cuda, "
+                              "cuda:N or mps)") from None
+    return Precision.from_names(device, dtype)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: torch.nn.Module  # in eval mode, on precision.device
+    info: CheckpointInfo
+    tokenizer: Any  # llmctl.data.tokenizers Tokenizer
+    precision: Precision
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    @property
+    def block_size(self) -> int:
+        return self.info.run.model.block_size
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "auto",
+                    dtype: str = "auto") -> LoadedCheckpoint:
+    """Model (eval mode) and tokenizer of a checkpoint or run folder, refusing mismatches."""
+    from .data.tokenizers import tokenizer_from_spec
+    from .train.checkpoint import CheckpointError, load_model, read_checkpoint
+
+    precision = precision_for(device, dtype)
+    info = read_checkpoint(path)
+    if not info.tokenizer:
+        raise CheckpointError(
+            f"{info.path / 'config.json'} records no tokenizer, so its token ids cannot be "
+            "turned into text; re-save the checkpoint with a tokenizer spec (llmctl train "
+            "records the dataset's)")
+    tokenizer = tokenizer_from_spec(info.tokenizer, info.path)
+    vocab = info.run.model.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise CheckpointError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens but "
+                              f"the model only {vocab} (vocab_size); they do not belong together")
+    model, info = load_model(info.path, device=str(precision.device))
+    return LoadedCheckpoint(model=model, info=info, tokenizer=tokenizer, precision=precision)
+
+
+def checkpoint_argument(positional: str | os.PathLike | None,
+                        model_path: str | os.PathLike | None) -> str:
+    """CKPT or --model_path (the reference's name): exactly one of them."""
+    if positional is not None and model_path is not None and str(positional) != str(model_path):
+        raise LlmctlError(f"give the checkpoint once: CKPT ({positional}) or --model_path "
+                          f"({model_path}), not both")
+    path = positional if positional is not None else model_path
+    if path is None:
+        raise LlmctlError("missing checkpoint: give a checkpoint or run folder (CKPT or "
+                          "--model_path)")
+    return str(path)

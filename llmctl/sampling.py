@@ -1,0 +1,187 @@
+"""`llmctl sample`'s logic: prompt → token ids → streamed, incrementally decoded samples."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import LlmctlError
+
+if TYPE_CHECKING:
+    from .inference import LoadedCheckpoint
+
+# A token that ends mid-character decodes to U+FFFD until the rest of its bytes arrive;
+# past this many held-back tokens the bytes are genuinely invalid and are emitted as they are.
+_MAX_PENDING_TOKENS = 8
+_REPLACEMENT = "\ufffd"
+
+
+@dataclass
+class SampleSettings:
+    max_new_tokens: int = 300
+    temperature: float = 0.9  # 0 = greedy
+    top_k: int | None = 200  # None / 0 = off
+    top_p: float | None = None  # None / 1 = off
+    num_samples: int = 1
+    seed: int | None = None  # None: a fresh random seed, reported back
+    stop_at_eot: bool = True
+
+    def check(self) -> None:
+        from .generate import check_sampling
+
+        if self.max_new_tokens < 0:
+            raise LlmctlError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise LlmctlError(f"num_samples must be >= 1, got {self.num_samples}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class PromptTokens:
+    text: str  # the prompt as given
+    ids: list[int]  # what the model is fed (cropped to block_size; [eot] for an empty prompt)
+    dropped: int = 0  # leading tokens cropped away to fit block_size
+
+    @property
+    def from_eot(self) -> bool:
+        return self.text == ""
+
+
+@dataclass
+class Sample:
+    index: int
+    text: str  # the generated continuation (the prompt not included)
+    token_ids: list[int]
+    stop_reason: str  # "eot" or "max_new_tokens"
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens": len(self.token_ids),
+                "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces that never split a character.
+
+    Each piece is the text difference since the last one; tokens that end inside a multi-byte
+    character are held back until it is complete, so "".join(pieces) == decode(all ids)."""
+
+    decode: Callable[[list[int]], str]
+    pending: list[int] = field(default_factory=list)
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.decode(self.pending)
+        if text.endswith(_REPLACEMENT) and len(self.pending) < _MAX_PENDING_TOKENS:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+def encode_prompt(tokenizer: Any, text: str, block_size: int) -> PromptTokens:
+    """Prompt ids: empty → [end-of-text]; longer than block_size → its last block_size."""
+    ids = list(tokenizer.encode(text)) if text else []
+    if not ids:
+        if tokenizer.eot_id is None:
+            raise LlmctlError("empty prompt, and the checkpoint's tokenizer has no "
+                              "end-of-text token to start from; give a --prompt")
+        return PromptTokens(text=text, ids=[int(tokenizer.eot_id)])
+    dropped = max(0, len(ids) - block_size)
+    return PromptTokens(text=text, ids=ids[dropped:], dropped=dropped)
+
+
+def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: SampleSettings,
+                     on_text: Callable[[int, str], None] | None = None) -> Iterator[Sample]:
+    """Sample `settings.num_samples` continuations of `prompt`, one after the other.
+
+    `on_text(index, piece)` receives each sample's text as it is generated. The KV cache is
+    used; with the same seed the samples are the same.
+    """
+    import torch
+
+    from .generate import stream_tokens
+
+    settings.check()
+    if settings.seed is None:
+        settings.seed = secrets.randbits(63)
+    tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
+    eot_id = tokenizer.eot_id if settings.stop_at_eot else None
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    idx = torch.tensor([prompt.ids], dtype=torch.long, device=device)  # (1, T)
+    for index in range(settings.num_samples):
+        decoder = IncrementalDecoder(tokenizer.decode)
+        ids: list[int] = []
+        pieces: list[str] = []
+        stop_reason = "max_new_tokens"
+        start = time.perf_counter()
+        with loaded.precision.autocast():
+            for token in stream_tokens(model, idx, settings.max_new_tokens,
+                                       temperature=settings.temperature, top_k=settings.top_k,
+                                       top_p=settings.top_p, eot_id=eot_id,
+                                       generator=generator):
+                token_id = int(token[0])
+                if eot_id is not None and token_id == eot_id:
+                    stop_reason = "eot"
+                    break
+                ids.append(token_id)
+                piece = decoder.push(token_id)
+                if piece:
+                    pieces.append(piece)
+                    if on_text is not None:
+                        on_text(index, piece)
+        seconds = time.perf_counter() - start
+        piece = decoder.flush()
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(index, piece)
+        yield Sample(index=index, text="".join(pieces), token_ids=ids,
+                     stop_reason=stop_reason, seconds=seconds)
+
+
+def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:
+    """The prompt text: --prompt_file (a path, or "-" for stdin) wins over --prompt."""
+    import sys
+
+    if prompt_file is None:
+        if prompt == "-":
+            prompt_file = "-"
+        else:
+            return prompt
+    if prompt_file == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        try:
+            text = stream.read()
+        except UnicodeDecodeError as err:
+            raise LlmctlError(f"the prompt on stdin is not UTF-8 text: {err}") from None
+        where = "stdin"
+    else:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise LlmctlError(f"prompt file {prompt_file} does not exist") from None
+        except IsADirectoryError:
+            raise LlmctlError(f"prompt file {prompt_file} is a folder") from None
+        except UnicodeDecodeError as err:
+            raise LlmctlError(f"prompt file {prompt_file} is not UTF-8 text: {err}") from None
+        except OSError as err:
+            raise LlmctlError(f"cannot read prompt file {prompt_file}: {err.strerror}") from None
+        where = f"prompt file {prompt_file}"
+    if not text:
+        raise LlmctlError(f"{where} is empty (no prompt text); to start from end-of-text, "
+                          "pass --prompt ''")
+    return text
