@@ -17,28 +17,28 @@ def eval_cmd(
         None, metavar="CKPT", show_default=False,
         help="Checkpoint folder, or run folder (its best checkpoint, else latest)."),
     model_path: Path | None = typer.Option(
-        None, "--model_path", "--model-path", show_default=False,
+        None, "--model_path", show_default=False,
         help="The checkpoint, as the reference names it (instead of CKPT)."),
     dataset: str | None = typer.Option(
         None, "--dataset", show_default=False, rich_help_panel=_DATA,
         help="Prepared dataset name (default: the one the checkpoint was trained on)."),
     data_dir: str | None = typer.Option(
-        None, "--data_dir", "--data-dir", show_default=False, rich_help_panel=_DATA,
+        None, "--data_dir", show_default=False, rich_help_panel=_DATA,
         help="Folder holding prepared datasets (default: the checkpoint's)."),
     split: str = typer.Option("val", "--split", rich_help_panel=_DATA,
                               help="Split to evaluate: val or train."),
     text_file: Path | None = typer.Option(
-        None, "--text", "--text_file", "--text-file", show_default=False, rich_help_panel=_DATA,
+        None, "--text", "--text_file", show_default=False, rich_help_panel=_DATA,
         help="Evaluate this UTF-8 text file (whole, tokenized with the checkpoint's tokenizer) "
         "instead of a dataset split."),
     full: bool = typer.Option(
         False, "--full", help="Whole split, deterministically, in non-overlapping block_size "
         "windows (default: --eval_iters random batches, as the trainer estimates)."),
     eval_iters: int | None = typer.Option(
-        None, "--eval_iters", "--eval-iters", min=1, show_default=False,
+        None, "--eval_iters", min=1, show_default=False,
         help="Random batches to average (default: the checkpoint's eval_iters)."),
     batch_size: int | None = typer.Option(
-        None, "--batch_size", "--batch-size", min=1, show_default=False,
+        None, "--batch_size", min=1, show_default=False,
         help="Sequences per forward pass (default: the checkpoint's batch_size)."),
     seed: int | None = typer.Option(
         None, "--seed", show_default=False,

@@ -64,39 +64,39 @@ def prepare(
         None, "--name", rich_help_panel=_SOURCE, show_default=False,
         help="Output name: DATA_DIR/NAME (default: the dataset, or the source's file stem)."),
     data_dir: Path = typer.Option(
-        Path("data"), "--data_dir", "--data-dir", rich_help_panel=_SOURCE,
+        Path("data"), "--data_dir", rich_help_panel=_SOURCE,
         help="Folder holding prepared datasets."),
     text_field: str = typer.Option(
-        "text", "--text_field", "--text-field", rich_help_panel=_SOURCE,
+        "text", "--text_field", rich_help_panel=_SOURCE,
         help="Field holding the text in JSON / parquet / hub rows."),
     subset: str | None = typer.Option(
         None, "--subset", rich_help_panel=_SOURCE, show_default=False,
         help="Hub config: wikitext-103-raw-v1 (default) or wikitext-2-raw-v1, ...; fineweb: "
         "sample-10BT (default), sample-100BT, ..."),
     streaming: bool | None = typer.Option(
-        None, "--streaming/--no-streaming", rich_help_panel=_SOURCE, show_default=False,
+        None, "--streaming/--no_streaming", rich_help_panel=_SOURCE, show_default=False,
         help="Stream hub data instead of downloading it whole (default: fineweb streams)."),
     cache_dir: Path | None = typer.Option(
-        None, "--cache_dir", "--cache-dir", rich_help_panel=_SOURCE, show_default=False,
+        None, "--cache_dir", rich_help_panel=_SOURCE, show_default=False,
         help="Hugging Face datasets cache folder (default: theirs)."),
     tokenizer: str | None = typer.Option(
         None, "--tokenizer", rich_help_panel=_TOKENS, show_default=False,
         help="gpt2 (default), another tiktoken encoding (cl100k_base, ...), char or byte."),
     tokenizer_file: Path | None = typer.Option(
-        None, "--tokenizer_file", "--tokenizer-file", rich_help_panel=_TOKENS,
+        None, "--tokenizer_file", rich_help_panel=_TOKENS,
         show_default=False, metavar="PATH",
         help="Local .tiktoken rank file (e.g. gpt2.tiktoken), used instead of downloading; "
         "also $LLMCTL_TIKTOKEN_FILE. Copied into the dataset."),
     val_fraction: float | None = typer.Option(
-        None, "--val_fraction", "--val-fraction", rich_help_panel=_TOKENS, show_default=False,
+        None, "--val_fraction", rich_help_panel=_TOKENS, show_default=False,
         help="Validation share when the source has no validation split: the last fraction "
         "of tokens (text sources; default 0.1), or a seeded fraction of documents (fineweb; "
         "default 0.001)."),
     max_tokens: str | None = typer.Option(
-        None, "--max_tokens", "--max-tokens", rich_help_panel=_TOKENS, show_default=False,
+        None, "--max_tokens", rich_help_panel=_TOKENS, show_default=False,
         metavar="COUNT", help="Stop after this many tokens in all (e.g. 50M, 10B)."),
     num_proc: int | None = typer.Option(
-        None, "--num_proc", "--num-proc", min=1, rich_help_panel=_TOKENS, show_default=False,
+        None, "--num_proc", min=1, rich_help_panel=_TOKENS, show_default=False,
         help="Tokenizer worker processes (default: CPUs, at most 8)."),
     seed: int = typer.Option(1337, "--seed", rich_help_panel=_TOKENS,
                              help="Seed of the held-out document split."),

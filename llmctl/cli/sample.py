@@ -19,35 +19,35 @@ def sample(
         None, metavar="CKPT", show_default=False,
         help="Checkpoint folder, or run folder (its best checkpoint, else latest)."),
     model_path: Path | None = typer.Option(
-        None, "--model_path", "--model-path", show_default=False,
+        None, "--model_path", show_default=False,
         help="The checkpoint, as the reference names it (instead of CKPT)."),
     prompt: str = typer.Option(
         "Once upon a time", "--prompt", "-p",
         help="Text to continue ('' starts from end-of-text; '-' reads stdin)."),
     prompt_file: str | None = typer.Option(
-        None, "--prompt_file", "--prompt-file", metavar="PATH", show_default=False,
+        None, "--prompt_file", metavar="PATH", show_default=False,
         help="Read the prompt from a UTF-8 file ('-' = stdin); wins over --prompt."),
     max_new_tokens: int = typer.Option(
-        300, "--max_new_tokens", "--max-new-tokens", min=0, rich_help_panel=_SAMPLING,
+        300, "--max_new_tokens", min=0, rich_help_panel=_SAMPLING,
         help="Tokens to generate per sample (fewer when end-of-text stops it)."),
     temperature: float = typer.Option(
         0.9, "--temperature", "-t", min=0.0, rich_help_panel=_SAMPLING,
         help="Softmax temperature; 0 = greedy (argmax)."),
     top_k: int = typer.Option(
-        200, "--top_k", "--top-k", min=0, rich_help_panel=_SAMPLING,
+        200, "--top_k", min=0, rich_help_panel=_SAMPLING,
         help="Sample among the k most likely tokens only (0 = off)."),
     top_p: float | None = typer.Option(
-        None, "--top_p", "--top-p", min=0.0, max=1.0, show_default=False,
+        None, "--top_p", min=0.0, max=1.0, show_default=False,
         rich_help_panel=_SAMPLING,
         help="Nucleus sampling: the smallest set of tokens holding probability p (default off)."),
     num_samples: int = typer.Option(
-        1, "--num_samples", "--num-samples", "-n", min=1, rich_help_panel=_SAMPLING,
+        1, "--num_samples", "-n", min=1, rich_help_panel=_SAMPLING,
         help="Independent samples to draw from the prompt."),
     seed: int | None = typer.Option(
         None, "--seed", show_default=False, rich_help_panel=_SAMPLING,
         help="Random seed: the same seed gives the same text (default: a fresh one)."),
     stop_at_eot: bool = typer.Option(
-        True, "--stop_at_eot/--no-stop_at_eot", "--stop-at-eot/--no-stop-at-eot",
+        True, "--stop_at_eot/--no_stop_at_eot",
         rich_help_panel=_SAMPLING, help="Stop a sample at the end-of-text token."),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object with every sample instead of streaming."),
