@@ -1,10 +1,129 @@
-"""llmctl inspect-params."""
+"""llmctl inspect-params: parameters, FLOPs, KV cache and memory of a config or checkpoint."""
 
 from __future__ import annotations
 
-from ._common import not_implemented
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import LlmctlError
+from ._common import user_errors
+from .options import with_config_options
 
 
-def inspect_params() -> None:
-    """(not implemented yet)"""
-    not_implemented("inspect-params")
+def _checkpoint_config(folder: Path) -> dict[str, Any]:
+    """The sectioned config stored in a checkpoint folder's config.json."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise LlmctlError(f"{folder}: not a checkpoint folder (no config.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LlmctlError(f"{path}: cannot read the checkpoint config: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        return data["config"]
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return {k: data[k] for k in ("model", "layers", "train") if k in data}
+    raise LlmctlError(f"{path}: expected a 'config' object holding the run config")
+
+
+@with_config_options
+def inspect_params(
+    files: list[Path] | None = typer.Argument(
+        None, help="Config files (YAML, JSON, JSONL) or a checkpoint folder (its config.json), "
+        "lowest precedence first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    config_files: list[Path] = (),
+    overrides: dict[str, Any] = None,
+) -> None:
+    """Total and active parameters, training FLOPs per token, KV-cache size and memory."""
+    from ..config import load_config
+    from ..inspect import inspect_model
+
+    with user_errors():
+        sources = [_checkpoint_config(p) if p.is_dir() else p
+                   for p in [*(files or []), *config_files]]
+        run = load_config(*sources, overrides=overrides, check_batch_split=False)
+        report = inspect_model(run.model, run.train)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    p, m = report["params"], report["model"]
+    console.print(f"[bold]{m['n_layer']} layers[/bold], n_embd={m['n_embd']}, vocab_size="
+                  f"{m['vocab_size']}, block_size={m['block_size']}, pos_emb={m['pos_emb']}, "
+                  f"norm={m['norm']}")
+    summary = Table(title="parameters", title_justify="left", show_header=False)
+    summary.add_column("what")
+    summary.add_column("count", justify="right")
+    for label, key in (("total", "total"), ("active per token", "active_per_token"),
+                       ("embedding (tied with the LM head)", "embedding"),
+                       ("non-embedding", "non_embedding"),
+                       ("active non-embedding", "active_non_embedding")):
+        summary.add_row(label, f"{p[key]:,} ({_human(p[key])})")
+    console.print(summary)
+
+    layers = Table(title="per layer", title_justify="left")
+    for column in ("layer", "attn", "attention", "ffn", "ffn active", "norms", "total",
+                   "KV B/token"):
+        layers.add_column(column, justify="right" if column not in ("attn",) else "left")
+    for row in _grouped_layers(report["layers"]):
+        layers.add_row(row["span"], row["attn"], _human(row["attention"]),
+                       f"{row['ffn_kind']} {_human(row['ffn'])}", _human(row["ffn_active"]),
+                       _human(row["norms"]), _human(row["total"]),
+                       str(row["kv_cache_bytes_per_token"]))
+    console.print(layers)
+
+    kv, flops = report["kv_cache"], report["flops"]
+    console.print(f"training FLOPs per token: {_human(flops['training_per_token'])} "
+                  f"= {flops['formula']}")
+    console.print(f"KV cache ({kv['bytes_per_number']} bytes/number): "
+                  f"{_bytes(kv['bytes_per_token'])} per token, "
+                  f"{_bytes(kv['bytes_full_context'])} for a full {kv['context']}-token context")
+    mem = report.get("memory")
+    if mem:
+        table = Table(title=f"training memory (batch_size {mem['batch_size']} × block_size "
+                      f"{mem['block_size']})", title_justify="left", show_header=False)
+        table.add_column("what")
+        table.add_column("bytes", justify="right")
+        for label, key in (("weights (fp32)", "weights"), ("gradients (fp32)", "grads"),
+                           ("AdamW states", "adamw_states"), ("activations", "activations"),
+                           ("activations with act_recomp", "activations_act_recomp"),
+                           ("total", "total"), ("total with act_recomp", "total_act_recomp")):
+            table.add_row(label, _bytes(mem[key]))
+        console.print(table)
+
+
+def _grouped_layers(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive identical layers merged into one row."""
+    rows: list[dict[str, Any]] = []
+    for layer in layers:
+        same = {k: v for k, v in layer.items() if k != "index"}
+        if rows and {k: v for k, v in rows[-1].items() if k not in ("span", "first")} == same:
+            rows[-1]["span"] = f"{rows[-1]['first']}-{layer['index']}"
+            continue
+        rows.append({**same, "span": str(layer["index"]), "first": layer["index"]})
+    return rows

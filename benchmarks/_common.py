@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: setup, interleaved timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version()}
+
+
+def interleaved(runs: dict[str, Callable[[], None]], rounds: int, repeats: int,
+                warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each function, {"wall": [...], "cpu": [...]} per round, measured
+    round-robin so that load changes on a shared machine hit every candidate alike.
+
+    "cpu" is this process's CPU time: with one thread it is the compute cost, unaffected by
+    time spent waiting for a core that other processes hold."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: {"wall": [], "cpu": []} for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+            fn = runs[name]
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(repeats):
+                fn()
+            times[name]["cpu"].append((time.process_time() - cpu) / repeats)
+            times[name]["wall"].append((time.perf_counter() - wall) / repeats)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result, indent=2))

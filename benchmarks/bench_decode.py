@@ -1,0 +1,90 @@
+"""Decode speed on CPU: tokens/s generating with the KV cache vs recomputing the whole
+context every step, for each attention kind (greedy, batch 1). Prints JSON.
+
+    python benchmarks/bench_decode.py [--new_tokens 256 --n_layer 4 --n_embd 256 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import emit, environment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n_layer", type=int, default=4)
+    parser.add_argument("--n_embd", type=int, default=256)
+    parser.add_argument("--n_head", type=int, default=8)
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--prompt_tokens", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: steadiest on a shared machine)")
+    parser.add_argument("--attn", nargs="*", default=["mha", "mqa", "gqa", "mla"])
+    args = parser.parse_args()
+    env = environment(args.threads)
+
+    import torch
+
+    from llmctl.config import load_config
+    from llmctl.generate import generate
+    from llmctl.model import LLM
+
+    C, H = args.n_embd, args.n_head
+    if args.prompt_tokens + args.new_tokens > args.block_size:
+        parser.error("prompt_tokens + new_tokens must fit in block_size (a pure cache run)")
+    base = dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
+                block_size=args.block_size, up_dim=4 * C, pos_emb="rope")
+    extra = {"mha": {}, "mqa": {}, "gqa": {"n_kv_heads": max(1, H // 4)},
+             "mla": {"q_latent_dim": C // 2, "kv_latent_dim": C // 4,
+                     "rope_head_dim": C // H // 2}}
+    torch.manual_seed(0)
+    prompt = torch.randint(0, args.vocab_size, (1, args.prompt_tokens))
+
+    @torch.no_grad()
+    def recompute(model: LLM) -> torch.Tensor:
+        idx = prompt
+        for _ in range(args.new_tokens):
+            logits = model(idx, use_cache=False, last_logits_only=True).logits[:, -1]
+            idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
+        return idx
+
+    def cached(model: LLM) -> torch.Tensor:
+        return generate(model, prompt, args.new_tokens, temperature=0)
+
+    results = {}
+    for attn in args.attn:
+        run = load_config(overrides={**base, "attn": attn, **extra[attn]},
+                          check_batch_split=False)
+        model = LLM(run.model).eval()
+        best = {"cache": float("inf"), "recompute": float("inf")}
+        outputs = {}
+        cached(model)  # warm-up
+        for _ in range(args.rounds):  # interleaved, best of rounds
+            for name, fn in (("cache", cached), ("recompute", recompute)):
+                start = time.perf_counter()
+                outputs[name] = fn(model)
+                best[name] = min(best[name], time.perf_counter() - start)
+        results[attn] = {
+            "cache_tokens_per_s": round(args.new_tokens / best["cache"], 1),
+            "recompute_tokens_per_s": round(args.new_tokens / best["recompute"], 1),
+            "speedup": round(best["recompute"] / best["cache"], 2),
+            "same_tokens": bool(torch.equal(outputs["cache"], outputs["recompute"])),
+        }
+    emit({
+        "benchmark": "greedy decoding, batch 1, CPU fp32: KV cache vs full recompute",
+        "env": env,
+        "dims": {"n_layer": args.n_layer, "n_embd": C, "n_head": H,
+                 "block_size": args.block_size, "vocab_size": args.vocab_size,
+                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
+        "results": results,
+        "min_speedup": min(r["speedup"] for r in results.values()),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Autoregressive sampling with the KV cache: greedy, temperature, top-k, top-p, EOT stop.
+
+Up to block_size tokens, each step feeds one token through the cache. Once the context is
+longer than block_size, each step runs the last block_size tokens afresh (positions
+0..block_size-1), exactly as a model without a cache that crops its input would: with
+absolute positions or a different first token, the cached keys no longer match, so any
+cache reuse there would change the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .errors import LlmctlError
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Reject sampling settings that make no sense (a clear error, not a NaN later)."""
+    if not temperature >= 0:  # also catches NaN
+        raise LlmctlError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise LlmctlError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LlmctlError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits per row, set the rest to -inf (k None/0 or >= V: no-op)."""
+    if not k or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
+    at least p (always at least one), set the rest to -inf (p None or >= 1: no-op)."""
+    if p is None or p >= 1:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B, V) sampling distribution after temperature, top-k and top-p.
+
+    temperature 0 gives a one-hot on the argmax (greedy)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
+                  temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, eot_id: int | None = None,
+                  generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids, a (B,) tensor per step, for the (B, T) prompt `idx`.
+
+    With eot_id, a row that produced it keeps yielding eot_id and the stream ends once
+    every row has (the EOT itself is yielded). `generator` (on the model's device) makes
+    sampling reproducible. The model runs in eval mode; its previous mode is restored.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+    if max_new_tokens <= 0:
+        return
+    block_size = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        context = idx
+        out = model(context[:, -block_size:], use_cache=True, last_logits_only=True)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+            if eot_id is not None:
+                token = token.masked_fill(done, eot_id)
+                done |= token == eot_id
+            yield token
+            if (eot_id is not None and bool(done.all())) or step == max_new_tokens - 1:
+                return
+            context = torch.cat((context, token[:, None]), dim=1)
+            cache = out.kv_cache
+            if cache is not None and cache.length < block_size:
+                out = model(token[:, None], kv_cache=cache, last_logits_only=True)
+            else:  # window full: recompute on the cropped context, as a cache-less model would
+                out = model(context[:, -block_size:], use_cache=False, last_logits_only=True)
+    finally:
+        model.train(was_training)
+
+
+def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eot_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """The prompt followed by up to max_new_tokens sampled tokens: (B, T + n)."""
+    tokens = list(stream_tokens(model, idx, max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, eot_id=eot_id, generator=generator))
+    if not tokens:
+        return idx
+    return torch.cat((idx, torch.stack(tokens, dim=1)), dim=1)

@@ -1,0 +1,105 @@
+"""Multi-head latent attention (DeepSeek-V2).
+
+Queries come from a low-rank latent: q = W_uq · norm(W_dq · x). Keys and values come from
+one joint latent c = norm(W_dkv · x) of `kv_latent_dim` numbers per token:
+k_h = W_uk,h · c, v_h = W_uv,h · c. With RoPE, position enters only through decoupled
+parts of `rope_head_dim`: a rotary query per head (from the query latent) and one rotary key
+shared by all heads (from x); the score of head h is
+(q_h · k_h + q_rope,h · k_rope) / sqrt(head_dim + rope_head_dim). Without RoPE (learn / sin
+positions) it is plain latent attention.
+
+Training decompresses per-head K/V and runs SDPA. Generation caches only [c, k_rope]
+(kv_latent_dim + rope_head_dim numbers per token) and absorbs W_uk into the query and W_uv
+into the output, so attention runs directly against the cached latents as one shared KV head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.schema import BlockConfig
+from .cache import LayerCache
+from .norm import make_norm
+from .positional import Positions, apply_rope
+from .sdpa import causal_attention
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, block: BlockConfig, n_embd: int, dropout: float, rope: bool, norm: str):
+        super().__init__()
+        if block.q_latent_dim is None or block.kv_latent_dim is None:
+            raise ValueError("mla needs q_latent_dim and kv_latent_dim")
+        if rope and not block.rope_head_dim:
+            raise ValueError("mla with rope needs rope_head_dim")
+        self.n_head = block.n_head
+        self.head_dim = n_embd // block.n_head
+        self.kv_latent_dim = block.kv_latent_dim
+        self.rope_dim = block.rope_head_dim if rope else 0
+        self.dropout = dropout
+        H, hd, r = self.n_head, self.head_dim, self.rope_dim
+        self.q_down = nn.Linear(n_embd, block.q_latent_dim, bias=False)
+        self.q_norm = make_norm(norm, block.q_latent_dim)
+        self.q_up = nn.Linear(block.q_latent_dim, H * (hd + r), bias=False)
+        self.kv_down = nn.Linear(n_embd, self.kv_latent_dim + r, bias=False)  # [c | k_rope]
+        self.kv_norm = make_norm(norm, self.kv_latent_dim)
+        self.kv_up = nn.Linear(self.kv_latent_dim, 2 * H * hd, bias=False)  # [k_nope | v]
+        self.proj = nn.Linear(H * hd, n_embd, bias=False)
+        self.proj.weight.residual_out = True  # GPT-2 scaled init
+        self.resid_drop = nn.Dropout(dropout)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim + self.rope_dim)
+
+    def forward(self, x: torch.Tensor, pos: Positions,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, hd, r = self.n_head, self.head_dim, self.rope_dim
+        q = self.q_up(self.q_norm(self.q_down(x)))  # (B, T, H * (hd + r))
+        q = q.view(B, T, H, hd + r).transpose(1, 2)  # (B, H, T, hd + r)
+        c, k_rope = self.kv_down(x).split([self.kv_latent_dim, r], dim=-1)
+        c = self.kv_norm(c)  # (B, T, kv_latent)
+        if r:
+            cos, sin = pos.rope(r)
+            q_nope, q_rope = q.split([hd, r], dim=-1)
+            q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
+            k_rope = apply_rope(k_rope, cos, sin)  # (B, T, r)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = self._decompressed(q, c, k_rope, dropout_p)
+        else:
+            y = self._absorbed(q, c, k_rope, cache, dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
+        return self.resid_drop(self.proj(y))
+
+    def _decompressed(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor,
+                      dropout_p: float) -> torch.Tensor:
+        """Training path: per-head K/V from the latent, one causal SDPA call."""
+        B, T, _ = c.shape
+        H, hd, r = self.n_head, self.head_dim, self.rope_dim
+        k, v = self.kv_up(c).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
+        if r:
+            k = torch.cat((k, k_rope[:, None].expand(B, H, T, r)), dim=-1)  # (B, H, T, hd + r)
+            # SDPA's fused CPU kernel wants equal q/k/v widths; zero columns change nothing.
+            v = F.pad(v, (0, r))
+        y = causal_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        return y[..., :hd]  # (B, H, T, hd)
+
+    def _absorbed(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor,
+                  cache: LayerCache, dropout_p: float) -> torch.Tensor:
+        """Generation path: attend to cached [c, k_rope] with W_uk / W_uv absorbed."""
+        H, hd, r, lat = self.n_head, self.head_dim, self.rope_dim, self.kv_latent_dim
+        (latents,) = cache.append(torch.cat((c, k_rope), dim=-1))  # (B, L, lat + r)
+        w_uk, w_uv = self.kv_up.weight.view(2, H, hd, lat).to(q.dtype)  # (H, hd, lat) each
+        q_nope, q_rope = q.split([hd, r], dim=-1)
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, lat)
+        q = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, T, lat + r)
+        kv = latents[:, None].to(q.dtype)  # (B, 1, L, lat + r): one KV head shared by all
+        # Values are the latent c; using the whole [c, k_rope] row keeps widths equal for the
+        # fused kernel and the extra r output columns are dropped.
+        o = causal_attention(q, kv, kv, dropout_p=dropout_p, scale=self.scale)[..., :lat]
+        return torch.einsum("bhtc,hdc->bhtd", o, w_uv)  # (B, H, T, hd)

@@ -1,0 +1,177 @@
+"""Mixture of experts: shared experts, top-k routed experts, and load balancing.
+
+Routing (per token, over the `n_exp - n_shared` routed experts):
+- standard (aux_free false, DeepSeek-V2 style): scores s = softmax(router logits); the
+  top-k experts by s run, weighted by their (unnormalised) s. Balancing loss, over the
+  N tokens of the micro-batch: coeff * sum_i f_i * P_i with f_i = E/(k N) * #tokens routed
+  to i and P_i = mean_t s_i,t.
+- aux-loss-free (DeepSeek-V3 style): s = sigmoid(router logits); experts are picked by
+  top-k of s + b (b: a per-expert bias used for selection only), gates are the unbiased s
+  of the picked experts normalised to sum 1. After each optimisation step the trainer calls
+  `update_bias(load)`: b += gamma * sign(mean load - load). A complementary sequence-wise
+  loss alpha * mean_b sum_i f_i * P_i (f over the sequence's tokens, P from s normalised per
+  token) keeps single sequences from collapsing.
+k = n_act - n_shared; the n_shared shared experts run on every token (fused into one MLP of
+width n_shared * up_dim, which equals the sum of n_shared separate MLPs).
+
+Dispatch is batched: the (token, expert) pairs are sorted by expert so each expert runs
+once on a contiguous slice (or all at once through `torch._grouped_mm`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config.schema import BlockConfig
+from .mlp import MLP, activate, up_features
+from .recompute import is_recomputing
+
+DISPATCH_METHODS = ("auto", "loop", "grouped_mm")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # torch's kernel needs 16-byte aligned rows, and on CUDA bf16 on sm90+; its compile-time
+    # shape function accepts bf16 only.
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False
+    if x.device.type == "cuda":
+        return (aligned and x.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return aligned and x.device.type == "cpu"
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                   method: str = "auto") -> torch.Tensor:
+    """Rows of x sorted by group (counts[e] rows for group e) times w[e]: (N, K) -> (N, M).
+
+    `loop` runs one matmul per group on its contiguous slice; `grouped_mm` uses torch's
+    grouped GEMM. `auto` picks the one measured fastest (benchmarks/bench_model.py).
+    """
+    if method not in DISPATCH_METHODS:
+        raise ValueError(f"unknown dispatch {method!r} (expected one of {DISPATCH_METHODS})")
+    dtype = _compute_dtype(x)
+    x, w = x.to(dtype), w.to(dtype)
+    if method == "auto":
+        method = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
+    if method == "grouped_mm":
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w, offs=offsets)
+    slices = x.split(counts.tolist())
+    return torch.cat([xs @ w[e] for e, xs in enumerate(slices)])
+
+
+class RoutedExperts(nn.Module):
+    """`n` MLP experts with stacked weights, run on tokens sorted by expert."""
+
+    def __init__(self, n: int, n_embd: int, hidden: int, non_linearity: str):
+        super().__init__()
+        self.non_linearity = non_linearity
+        self.dispatch = "auto"  # see grouped_matmul
+        self.w_up = nn.Parameter(torch.empty(n, n_embd, up_features(hidden, non_linearity)))
+        self.w_down = nn.Parameter(torch.empty(n, hidden, n_embd))
+        self.w_down.residual_out = True  # GPT-2 scaled init
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+        """x (N, C); expert_idx, gates (N, k); counts (n,) = pairs per expert -> (N, C)."""
+        N, k = expert_idx.shape
+        order = expert_idx.reshape(-1).argsort(stable=True)  # (N * k) pairs sorted by expert
+        xs = x[order // k]  # (N * k, C)
+        h = activate(grouped_matmul(xs, self.w_up, counts, self.dispatch), self.non_linearity)
+        ys = grouped_matmul(h, self.w_down, counts, self.dispatch)  # (N * k, C)
+        ys = torch.zeros_like(ys).index_copy(0, order, ys)  # back to (token, slot) order
+        return torch.bmm(gates.to(ys.dtype).unsqueeze(1), ys.view(N, k, -1)).squeeze(1)
+
+
+class MoE(nn.Module):
+    def __init__(self, block: BlockConfig, n_embd: int, dropout: float):
+        super().__init__()
+        if block.n_exp is None or block.n_shared is None or block.n_act is None:
+            raise ValueError("moe needs n_exp, n_shared and n_act")
+        self.n_routed = block.n_exp - block.n_shared
+        self.top_k = block.n_act - block.n_shared
+        self.aux_free = block.aux_free
+        self.coeff = block.coeff or 0.0
+        self.alpha = block.alpha or 0.0
+        self.gamma = block.gamma or 0.0
+        self.router = nn.Linear(n_embd, self.n_routed, bias=False)
+        self.experts = RoutedExperts(self.n_routed, n_embd, block.up_dim, block.non_linearity)
+        self.shared = (MLP(n_embd, block.n_shared * block.up_dim, block.non_linearity)
+                       if block.n_shared else None)
+        if self.aux_free:  # persistent: saved in checkpoints so a resume routes identically
+            self.register_buffer("expert_bias", torch.zeros(self.n_routed))
+        self.drop = nn.Dropout(dropout)
+        # Tokens routed to each expert since the last bias update. A plain attribute, not a
+        # buffer: DDP broadcasts buffers from rank 0 on every forward.
+        self.load: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C) -> scores (N, E) float32, chosen experts (N, k), gates (N, k)."""
+        logits = self.router(x).float()  # (N, E)
+        if self.aux_free:
+            scores = torch.sigmoid(logits)
+            expert_idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices
+            gates = scores.gather(-1, expert_idx)
+            gates = gates / gates.sum(-1, keepdim=True)
+        else:
+            scores = torch.softmax(logits, dim=-1)
+            gates, expert_idx = scores.topk(self.top_k, dim=-1)
+        return scores, expert_idx, gates
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> (output (B, T, C), auxiliary loss (0-dim))."""
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)
+        scores, expert_idx, gates = self.route(flat)
+        counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_routed)  # (E,)
+        y = self.experts(flat, expert_idx, gates, counts)  # (N, C)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        if self.training and torch.is_grad_enabled() and not is_recomputing():
+            self._count(counts)
+        aux = (self._aux_loss(scores, expert_idx, counts, B, T) if self.training
+               else scores.new_zeros(()))
+        return self.drop(y.view(B, T, C)), aux
+
+    def _aux_loss(self, scores: torch.Tensor, expert_idx: torch.Tensor, counts: torch.Tensor,
+                  B: int, T: int) -> torch.Tensor:
+        E, k = self.n_routed, self.top_k
+        if not self.aux_free:
+            f = counts.float() * (E / (k * B * T))  # (E,)
+            return self.coeff * (f * scores.mean(0)).sum()
+        per_seq = torch.zeros(B, E, device=scores.device)
+        per_seq.scatter_add_(1, expert_idx.view(B, T * k),
+                             torch.ones(B, T * k, device=scores.device))
+        f = per_seq * (E / (k * T))  # (B, E)
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # (B, E)
+        return self.alpha * (f * p).sum(-1).mean()
+
+    # ------------------------------------------------------------ load balancing state
+
+    def _count(self, counts: torch.Tensor) -> None:
+        if self.load is None or self.load.device != counts.device:
+            self.load = torch.zeros(self.n_routed, device=counts.device)
+        self.load += counts.float()
+
+    def load_counts(self) -> torch.Tensor:
+        """Tokens routed to each routed expert since the last reset, float32 (n_routed,)."""
+        if self.load is None:
+            return torch.zeros(self.n_routed, device=self.router.weight.device)
+        return self.load.clone()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-free step: raise the bias of under-loaded experts, lower over-loaded ones."""
+        if self.aux_free:
+            load = load.to(self.expert_bias.device, torch.float32)
+            self.expert_bias += self.gamma * torch.sign(load.mean() - load)
+        self.load = None

@@ -1,0 +1,147 @@
+"""The decoder-only language model: embeddings, a stack of pre-norm blocks, a tied LM head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.schema import BlockConfig, LLMConfig
+from .attention import build_attention
+from .cache import KVCache, LayerCache
+from .mlp import MLP
+from .moe import MoE
+from .norm import make_norm
+from .positional import Positions, sinusoidal
+from .recompute import checkpointed
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_logits_only
+    loss: torch.Tensor | None  # lm_loss + aux_loss; None without targets
+    aux_loss: torch.Tensor  # 0-dim: sum of the MoE balancing terms (0 without MoE / in eval)
+    kv_cache: KVCache | None  # the updated cache (prefill / decode), None in training
+    lm_loss: torch.Tensor | None = None  # cross-entropy alone
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, block: BlockConfig, *, n_embd: int, dropout: float, pos_emb: str,
+                 norm: str):
+        super().__init__()
+        self.attn_norm = make_norm(norm, n_embd)
+        self.attn = build_attention(block, n_embd=n_embd, dropout=dropout, pos_emb=pos_emb,
+                                    norm=norm)
+        self.ffn_norm = make_norm(norm, n_embd)
+        self.ffn = (MoE(block, n_embd, dropout) if block.moe
+                    else MLP(n_embd, block.up_dim, block.non_linearity, dropout))
+
+    def forward(self, x: torch.Tensor, pos: Positions,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.attn(self.attn_norm(x), pos, cache)  # (B, T, C)
+        if isinstance(self.ffn, MoE):
+            h, aux = self.ffn(self.ffn_norm(x))
+            return x + h, aux
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+class LLM(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.act_recomp = False  # set by the trainer for --act_recomp
+        C = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.wpe = nn.Embedding(config.block_size, C) if config.pos_emb == "learn" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(layer, n_embd=C, dropout=config.dropout, pos_emb=config.pos_emb,
+                  norm=config.norm)
+            for layer in config.layers)
+        self.norm_f = make_norm(config.norm, C)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, std); residual output projections N(0, std / sqrt(2 n_layer))."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * len(self.blocks))
+        for param in self.parameters():
+            if param.dim() < 2:
+                continue  # norms keep their ones / zeros
+            nn.init.normal_(param, 0.0, residual_std if getattr(param, "residual_out", False)
+                            else std)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, *, use_cache: bool | None = None,
+                last_logits_only: bool = False) -> ModelOutput:
+        """idx (B, T) token ids. With targets (B, T; -1 = ignore): training, logits for every
+        position, no cache. Without: prefill / decode step continuing `kv_cache` (mutated in
+        place and returned; a new one is started when None unless use_cache=False)."""
+        B, T = idx.shape
+        if use_cache is None:
+            use_cache = targets is None or kv_cache is not None
+        if kv_cache is not None and not use_cache:
+            raise ValueError("kv_cache given with use_cache=False")
+        if use_cache and kv_cache is None:
+            kv_cache = KVCache(len(self.blocks), capacity=self.config.block_size)
+        start = kv_cache.length if use_cache else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start} cached + {T} new tokens exceed block_size "
+                             f"{self.config.block_size}; crop the context")
+        pos = Positions(start, T, idx.device, self.config.rope_theta)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos.ids)
+        elif self.config.pos_emb == "sin":
+            x = x + sinusoidal(pos.ids, self.config.n_embd).to(x.dtype)
+        x = self.drop(x)
+        aux_loss = torch.zeros((), device=idx.device)
+        recompute = self.act_recomp and self.training and torch.is_grad_enabled() and not use_cache
+        for i, block in enumerate(self.blocks):
+            if recompute:
+                x, aux = checkpointed(block, x, pos)
+            else:
+                x, aux = block(x, pos, kv_cache.layers[i] if use_cache else None)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        x = self.norm_f(x)
+        if last_logits_only:
+            x = x[:, -1:]  # (B, 1, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        lm_loss = loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                      ignore_index=-1)
+            loss = lm_loss + aux_loss
+        return ModelOutput(logits, loss, aux_loss, kv_cache if use_cache else None, lm_loss)
+
+    # ------------------------------------------------------------ MoE load balancing
+
+    def moe_load_counts(self) -> list[torch.Tensor]:
+        """Tokens routed to each routed expert per MoE layer since the last update."""
+        return [layer.load_counts() for layer in self.moe_layers]
+
+    def update_expert_biases(self, counts: list[torch.Tensor]) -> None:
+        """Aux-free bias step from (all-reduced) counts; resets every layer's counters."""
+        layers = self.moe_layers
+        if len(counts) != len(layers):
+            raise ValueError(f"expected {len(layers)} count tensors, got {len(counts)}")
+        for layer, load in zip(layers, counts, strict=True):
+            layer.update_bias(load)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe else 0)
+        return n

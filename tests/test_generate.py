@@ -1,0 +1,167 @@
+"""Sampling with the KV cache: equals a cache-less cropping reference, filters, seeds, EOT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmctl.config import load_config
+from llmctl.errors import LlmctlError
+from llmctl.generate import (
+    generate,
+    next_token_probs,
+    stream_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+from llmctl.model import LLM
+
+
+def _model(**flags) -> LLM:
+    base = dict(n_layer=2, n_embd=32, n_head=4, n_kv_heads=2, vocab_size=53, block_size=16,
+                up_dim=48, q_latent_dim=16, kv_latent_dim=8, rope_head_dim=4,
+                init_std=0.1)  # larger weights: sharper logits, fewer near-ties in argmax
+    torch.manual_seed(0)
+    return LLM(load_config(overrides={**base, **flags}, check_batch_split=False).model)
+
+
+def _reference_greedy(model: LLM, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """No cache: every step runs the last block_size tokens from scratch."""
+    model.eval()
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(idx[:, -model.config.block_size:], use_cache=False).logits[:, -1]
+            idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("pos_emb", ["learn", "rope"])
+@pytest.mark.parametrize("attn", ["mha", "mqa", "gqa", "mla"])
+def test_greedy_beyond_block_size_equals_cropping_reference(attn: str, pos_emb: str) -> None:
+    torch.set_num_threads(1)
+    model = _model(attn=attn, pos_emb=pos_emb, moe=True, n_exp=4, n_shared=1, n_act=2,
+                   coeff=0.01)
+    prompt = torch.randint(0, 53, (2, 5))
+    got = generate(model, prompt, 30, temperature=0)  # 5 + 30 tokens > block_size 16
+    assert got.shape == (2, 35)
+    assert torch.equal(got, _reference_greedy(model, prompt, 30))
+
+
+def test_prompt_longer_than_block_size_is_cropped() -> None:
+    model = _model()
+    prompt = torch.randint(0, 53, (1, 40))
+    got = generate(model, prompt, 6, temperature=0)
+    assert torch.equal(got[:, :40], prompt)
+    assert torch.equal(got, _reference_greedy(model, prompt, 6))
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    model = _model(attn="gqa", pos_emb="rope")
+    prompt = torch.randint(0, 53, (3, 4))
+
+    def sample(seed: int) -> torch.Tensor:
+        return generate(model, prompt, 20, temperature=1.0, top_k=20, top_p=0.95,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+    streamed = torch.stack(list(stream_tokens(model, prompt, 20, temperature=1.0, top_k=20,
+                                              top_p=0.95,
+                                              generator=torch.Generator().manual_seed(7))), 1)
+    assert torch.equal(streamed, sample(7)[:, 4:])
+
+
+def test_generation_restores_the_training_mode() -> None:
+    model = _model().train()
+    generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=0)
+    assert model.training
+
+
+def _first(row: torch.Tensor, token: int) -> int | None:
+    hits = (row == token).nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+def test_eot_stops_generation() -> None:
+    model = _model()
+    prompt = torch.randint(0, 53, (1, 3))
+    free = generate(model, prompt, 12, temperature=0)[0, 3:]
+    eot = int(free[4])
+    stop = _first(free, eot)  # <= 4
+    stopped = generate(model, prompt, 12, temperature=0, eot_id=eot)
+    assert torch.equal(stopped[0, 3:], free[: stop + 1])  # up to and including the EOT
+
+
+def test_eot_pads_rows_that_finished_first() -> None:
+    model = _model()
+    prompt = torch.randint(0, 53, (2, 3))
+    free = generate(model, prompt, 12, temperature=0)[:, 3:]
+    eot = int(free[0, 2])
+    stops = [_first(row, eot) for row in free]
+    end = 12 if None in stops else max(stops) + 1  # the stream ends when every row is done
+    stopped = generate(model, prompt, 12, temperature=0, eot_id=eot)[:, 3:]
+    assert stopped.shape == (2, end)
+    for row, stop in enumerate(stops):
+        n = end if stop is None else stop + 1
+        assert torch.equal(stopped[row, :n], free[row, :n])
+        assert (stopped[row, n:] == eot).all()
+
+
+def test_max_new_tokens_zero_returns_the_prompt() -> None:
+    prompt = torch.randint(0, 53, (1, 4))
+    assert torch.equal(generate(_model(), prompt, 0), prompt)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(temperature=float("nan")),
+                                    dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_settings_are_user_errors(kwargs) -> None:
+    with pytest.raises(LlmctlError):
+        generate(_model(), torch.zeros(1, 2, dtype=torch.long), 3, **kwargs)
+
+
+# ---------------------------------------------------------------- filtered distributions
+
+LOGITS = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+
+
+def test_top_k_keeps_the_k_most_likely_renormalised() -> None:
+    probs = next_token_probs(LOGITS, temperature=1.0, top_k=2)
+    assert torch.allclose(probs, torch.tensor([[0.0, 0.5, 0.0, 0.3]]) / 0.8)
+    assert torch.equal(top_k_filter(LOGITS, 0), LOGITS)  # 0 = off
+    assert torch.equal(top_k_filter(LOGITS, 10), LOGITS)  # k >= vocab: nothing removed
+
+
+@pytest.mark.parametrize("p,support", [(0.4, [1]), (0.75, [1, 3]), (0.85, [1, 2, 3]),
+                                       (1.0, [0, 1, 2, 3])])
+def test_top_p_keeps_the_smallest_set_reaching_p(p: float, support: list[int]) -> None:
+    probs = next_token_probs(LOGITS, temperature=1.0, top_p=p)
+    base = LOGITS.exp()[0]
+    expected = torch.zeros(4)
+    expected[support] = base[support] / base[support].sum()
+    assert torch.allclose(probs[0], expected, atol=1e-6)
+    assert torch.isinf(top_p_filter(LOGITS, p)[0, [i for i in range(4) if i not in support]]
+                       ).all()
+
+
+def test_temperature_and_greedy() -> None:
+    probs = next_token_probs(LOGITS, temperature=0.5)
+    sharpened = LOGITS.exp() ** 2
+    assert torch.allclose(probs, sharpened / sharpened.sum(), atol=1e-6)
+    assert torch.equal(next_token_probs(LOGITS, temperature=0), torch.tensor([[0., 1, 0, 0]]))
+
+
+def test_top_k_then_top_p_and_samples_stay_in_support() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100) * 3
+    probs = next_token_probs(logits, temperature=0.8, top_k=10, top_p=0.6)
+    for row, p in zip(logits, probs, strict=True):
+        support = p.nonzero().flatten()
+        top10 = (row / 0.8).topk(10).indices
+        assert set(support.tolist()) <= set(top10.tolist())
+        ordered = torch.softmax((row / 0.8)[top10], -1)  # sorted, as topk returns
+        n = int((ordered.cumsum(0) - ordered < 0.6).sum())
+        assert len(support) == n
+        assert p.sum().item() == pytest.approx(1.0)
+    draws = torch.multinomial(probs, 500, replacement=True,
+                              generator=torch.Generator().manual_seed(1))
+    assert torch.gather(probs, 1, draws).gt(0).all()
