@@ -73,12 +73,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
                   temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, eot_id: int | None = None,
-                  generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                  generator: torch.Generator | None = None,
+                  vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids, a (B,) tensor per step, for the (B, T) prompt `idx`.
 
     With eot_id, a row that produced it keeps yielding eot_id and the stream ends once
     every row has (the EOT itself is yielded). `generator` (on the model's device) makes
-    sampling reproducible. The model runs in eval mode; its previous mode is restored.
+    sampling reproducible. `vocab_limit` (the tokenizer's size) keeps the padding ids of a
+    padded vocabulary (e.g. 50304 > GPT-2's 50257) from ever being sampled. The model runs
+    in eval mode; its previous mode is restored.
     """
     check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
@@ -93,7 +96,11 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
         out = model(context[:, -block_size:], use_cache=True, last_logits_only=True)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
-            token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+            logits = out.logits[:, -1]  # (B, V)
+            if vocab_limit is not None and vocab_limit < logits.size(-1):
+                logits = logits.clone()
+                logits[:, vocab_limit:] = float("-inf")
+            token = sample_next(logits, temperature, top_k, top_p, generator)
             if eot_id is not None:
                 token = token.masked_fill(done, eot_id)
                 done |= token == eot_id
@@ -112,11 +119,12 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eot_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             eot_id: int | None = None, generator: torch.Generator | None = None,
+             vocab_limit: int | None = None) -> torch.Tensor:
     """The prompt followed by up to max_new_tokens sampled tokens: (B, T + n)."""
     tokens = list(stream_tokens(model, idx, max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, eot_id=eot_id, generator=generator))
+                                top_k=top_k, top_p=top_p, eot_id=eot_id, generator=generator,
+                                vocab_limit=vocab_limit))
     if not tokens:
         return idx
     return torch.cat((idx, torch.stack(tokens, dim=1)), dim=1)

@@ -131,7 +131,8 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
             for token in stream_tokens(model, idx, settings.max_new_tokens,
                                        temperature=settings.temperature, top_k=settings.top_k,
                                        top_p=settings.top_p, eot_id=eot_id,
-                                       generator=generator):
+                                       generator=generator,
+                                       vocab_limit=tokenizer.vocab_size):
                 token_id = int(token[0])
                 if eot_id is not None and token_id == eot_id:
                     stop_reason = "eot"

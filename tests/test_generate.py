@@ -165,3 +165,16 @@ def test_top_k_then_top_p_and_samples_stay_in_support() -> None:
     draws = torch.multinomial(probs, 500, replacement=True,
                               generator=torch.Generator().manual_seed(1))
     assert torch.gather(probs, 1, draws).gt(0).all()
+
+
+def test_padding_ids_of_a_padded_vocabulary_are_never_sampled() -> None:
+    model = _model()
+    with torch.no_grad():  # make the padding rows (ids 40..52) the most likely by far
+        model.lm_head.weight[40:] *= 50
+    prompt = torch.randint(0, 40, (4, 3))
+    free = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert (free[:, 3:] >= 40).any()  # without a limit the padding ids do come out
+    for temperature in (0.0, 1.0):
+        out = generate(model, prompt, 20, temperature=temperature, vocab_limit=40,
+                       generator=torch.Generator().manual_seed(0))
+        assert (out[:, 3:] < 40).all()
