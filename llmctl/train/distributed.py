@@ -1,0 +1,146 @@
+"""Data-parallel setup under torchrun (NCCL on GPU, Gloo on CPU) and the `--nproc` launcher."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import LlmctlError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_torchrun() -> DistEnv:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them (absent: one process)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as err:
+        raise LlmctlError(f"malformed torchrun environment: {err}") from None
+    return DistEnv(rank=rank, local_rank=local, world_size=max(1, world))
+
+
+def init(env: DistEnv, device: torch.device) -> None:
+    """Join the process group: NCCL for CUDA devices, Gloo otherwise."""
+    if not env.enabled or dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:
+        raise LlmctlError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun "
+                          "(or llmctl train --nproc N)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum, avg or max); a no-op for a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    if op == "avg":
+        # Gloo has no AVG: sum and divide.
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    else:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def all_gather_json(obj: object) -> list:
+    """Every rank's JSON-ready object, in rank order (a single process gets [obj])."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_json(obj: object) -> object:
+    """Rank 0's object on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------- the --nproc launcher
+
+
+def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m llmctl train ARGS` for this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "llmctl", "train", *args]
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of `pid` (Linux /proc; [] where unavailable)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+    return found
+
+
+def launch(nproc: int, args: Sequence[str]) -> int:
+    """Run the training job under torchrun and return its exit code.
+
+    torchrun runs in its own session, so a Ctrl-C at the terminal reaches only us; we pass
+    SIGINT / SIGTERM straight to the workers, which finish their step, save `latest` and
+    exit cleanly (torchrun itself would turn the signal into a failure and a traceback).
+    """
+    if os.environ.get("WORLD_SIZE") not in (None, "1"):
+        raise LlmctlError("--nproc cannot be used inside a torchrun job")
+    proc = subprocess.Popen(torchrun_command(nproc, args), start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        workers = _children(proc.pid)
+        for pid in workers or [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,170 @@
+"""Where training metrics go: metrics.jsonl in the run folder and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import LlmctlError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFile:
+    """One JSON object per line; each record is a single append of a whole line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(_finite(record), separators=(",", ":")) + "\n"
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise LlmctlError(f"cannot append to {self.path}: {err.strerror or err}") from None
+
+    def read(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (written by a run that died after its last checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for record in kept:
+                    f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as err:
+            raise LlmctlError(f"cannot rewrite {self.path}: {err.strerror or err}") from None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/inf; such values are written as null.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
+
+
+# ------------------------------------------------------------------------------ console
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def format_record(record: dict[str, Any], total: int) -> str:
+    """`step 10/500 | loss 4.1234 | lr 3.00e-04 | ...` for one train record."""
+    parts = [f"step {record['step']}/{total}", f"loss {record['loss']:.4f}",
+             f"lr {record['lr']:.2e}"]
+    if record.get("grad_norm") is not None:
+        parts.append(f"grad {record['grad_norm']:.3f}")
+    if record.get("aux_loss"):
+        parts.append(f"aux {record['aux_loss']:.4f}")
+    if record.get("imbalance"):
+        parts.append("imb " + ",".join(f"{v:.2f}" for v in record["imbalance"]))
+    parts.append(f"{_si(record['tokens_per_s'])} tok/s")
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if record.get("memory_gb") is not None:
+        parts.append(f"mem {record['memory_gb']:.2f}GB")
+    return " | ".join(parts)
+
+
+class Console:
+    """A progress bar with ETA on a terminal; plain lines (one per log) otherwise."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool = True,
+                 stream: TextIO | None = None):
+        self.total, self.start_step, self.enabled = total, start, enabled
+        self.stream = stream or sys.stdout
+        self.tty = enabled and self.stream.isatty()
+        self._progress = None
+        self._task = None
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> Console:
+        self._t0 = time.perf_counter()  # the ETA counts training time, not setup
+        if self.tty:
+            from rich.console import Console as RichConsole
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
+                console=RichConsole(file=self.stream), transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total, completed=self.start_step)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = format_record(record, self.total)
+        if self._progress is not None:
+            self._progress.update(self._task, description=f"loss {record['loss']:.4f}")
+            self._progress.console.print(line, highlight=False)
+        else:
+            done = record["step"] - self.start_step
+            left = self.total - record["step"]
+            elapsed = time.perf_counter() - self._t0
+            eta = f" | eta {_duration(elapsed / done * left)}" if done > 0 else ""
+            self.info(line + eta)
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(message, highlight=False, markup=False)
+        else:
+            print(message, file=self.stream, flush=True)

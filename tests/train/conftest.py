@@ -1,0 +1,119 @@
+"""Fixtures for trainer tests: a small prepared char-level dataset and tiny run configs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from llmctl.data.prepare import PrepareOptions, prepare_dataset
+
+CORPUS_CHARS = 60_000
+# ~20k parameters: a step takes milliseconds on one CPU core
+TINY: dict[str, Any] = {
+    "dataset": "tiny", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_heads": 2,
+    "block_size": 32, "vocab_size": 64, "up_dim": 64, "batch_size": 4,
+    "total_batch_size": 128, "max_iters": 12, "warmup_steps": 2, "learning_rate": 3e-3,
+    "log_interval": 1, "eval_iters": 2, "seed": 7,
+}
+MOE_LAYER = {"attn": "gqa", "n_head": 2, "n_kv_heads": 1, "moe": True, "up_dim": 32,
+             "non_linearity": "swiglu", "n_exp": 4, "n_shared": 1, "n_act": 2,
+             "aux_free": True, "alpha": 0.01, "gamma": 0.01}
+DENSE_LAYER = {"attn": "mha", "n_head": 2, "moe": False, "up_dim": 64, "non_linearity": "gelu"}
+# heterogeneous: a dense block, then an aux-free MoE block (its biases are resume state)
+HETERO = {"layer_configs": json.dumps([DENSE_LAYER, MOE_LAYER]), "n_layer": None}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """The machine has 2 shared cores: one intra-op thread avoids oversubscription stalls."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory: pytest.TempPathFactory, shakespeare_txt: Path) -> Path:
+    """data_dir holding the prepared char-level dataset `tiny` (60k characters)."""
+    root = tmp_path_factory.mktemp("char_data")
+    corpus = root / "corpus.txt"
+    corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:CORPUS_CHARS],
+                      encoding="utf-8")
+    prepare_dataset(PrepareOptions(source=str(corpus), name="tiny", data_dir=root / "data",
+                                   tokenizer="char", progress=False, num_proc=1))
+    return root / "data"
+
+
+@pytest.fixture
+def tiny(char_data: Path, tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """tiny(**flags) -> flag overrides for a tiny run writing into tmp_path/runs."""
+    def make(**extra: Any) -> dict[str, Any]:
+        flags = {**TINY, "data_dir": str(char_data), "out_dir": str(tmp_path / "runs"),
+                 **extra}
+        return {k: v for k, v in flags.items() if v is not None}
+    return make
+
+
+def as_args(flags: dict[str, Any]) -> list[str]:
+    """Command-line flags for `llmctl train` from an overrides dict."""
+    args: list[str] = []
+    for key, value in flags.items():
+        if isinstance(value, bool):
+            args.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+@pytest.fixture
+def cli_args() -> Callable[[dict[str, Any]], list[str]]:
+    return as_args
+
+
+def read_records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture
+def records() -> Callable[..., list[dict[str, Any]]]:
+    return read_records
+
+
+@pytest.fixture
+def hetero() -> dict[str, Any]:
+    """Flags for the dense + aux-free MoE heterogeneous model."""
+    return dict(HETERO)
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """Environment for `llmctl train` subprocesses: one torch thread each, offline wandb."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.fixture
+def llmctl_train(cli_args: Callable[[dict[str, Any]], list[str]]) -> Callable[..., Any]:
+    """llmctl_train(flags, **popen_kw) -> a started `python -m llmctl train` subprocess."""
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen] = []
+
+    def start(flags: dict[str, Any], extra_args: tuple[str, ...] = (),
+              **kw: Any) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "llmctl", "train", *cli_args(flags),
+                                 *extra_args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=train_env(), **kw)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:  # never leave a run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

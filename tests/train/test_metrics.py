@@ -1,0 +1,85 @@
+"""metrics.jsonl appends and truncation, console lines, and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+from llmctl.train.metrics import Console, MetricsFile, format_record, read_metrics
+from llmctl.train.plot import plot_loss_curve
+
+
+def _record(step, loss=2.0):
+    return {"kind": "train", "step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5,
+            "tokens_per_s": 12345.0, "mfu": None, "memory_gb": 0.25}
+
+
+def test_append_read_and_truncate(tmp_path):
+    log = MetricsFile(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3, 4):
+        log.append(_record(step))
+    log.append({"kind": "eval", "step": 4, "val_loss": math.nan})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(isinstance(json.loads(line), dict) for line in lines)
+    assert json.loads(lines[-1])["val_loss"] is None  # strict JSON: NaN written as null
+    log.truncate_after(2)
+    assert [r["step"] for r in log.read()] == [1, 2]
+    log.append(_record(3, loss=1.0))
+    assert [r["step"] for r in log.read()] == [1, 2, 3]
+
+
+def test_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_record(1)) + "\n" + '{"kind": "train", "st')
+    assert [r["step"] for r in read_metrics(path)] == [1]
+
+
+def test_plain_console_lines_with_eta():
+    out = io.StringIO()
+    with Console(total=10, start=0, stream=out) as console:
+        console.log(_record(5))
+        console.info("saved")
+    text = out.getvalue()
+    assert "step 5/10 | loss 2.0000 | lr 1.00e-03 | grad 0.500 | 12.3k tok/s" in text
+    assert "eta" in text and "saved" in text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_gets_a_progress_bar():
+    out = _Terminal()
+    with Console(total=10, start=2, stream=out) as console:
+        assert console.tty
+        console.advance(5)
+        console.log(_record(5))
+    text = out.getvalue()
+    assert "step 5/10 | loss 2.0000" in text
+    assert "5/10" in text and "eta" in text  # the bar's count and time-remaining columns
+
+
+def test_disabled_console_is_silent():
+    out = io.StringIO()
+    with Console(total=10, start=0, stream=out, enabled=False) as console:
+        console.log(_record(5))
+        console.info("x")
+    assert out.getvalue() == ""
+
+
+def test_format_moe_and_mfu():
+    line = format_record({**_record(3), "mfu": 0.4123, "aux_loss": 0.01,
+                          "imbalance": [0.5, 0.25]}, 9)
+    assert "mfu 41.2%" in line and "aux 0.0100" in line and "imb 0.50,0.25" in line
+
+
+def test_loss_curve_png(tmp_path):
+    records = [_record(s, loss=3 - s / 10) for s in range(1, 11)]
+    records += [{"kind": "eval", "step": 5, "train_loss": 2.6, "val_loss": 2.7},
+                {"kind": "eval", "step": 10, "train_loss": 2.1, "val_loss": 2.3}]
+    path = plot_loss_curve(records, tmp_path / "loss_curve.png", title="t")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curve.png"]

@@ -1,0 +1,46 @@
+"""Device and dtype resolution, autocast, and the grad scaler state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmctl.errors import LlmctlError
+from llmctl.train.precision import Precision, resolve_device, resolve_dtype
+
+
+def test_cpu_defaults_to_fp32_without_scaler():
+    p = Precision.from_names("cpu", "auto")
+    assert p.device == torch.device("cpu") and p.dtype == torch.float32
+    assert not p.scaler.is_enabled() and p.scaler_state() == {}
+    with p.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_bf16_autocast_on_cpu():
+    p = Precision.from_names("cpu", "bfloat16")
+    with p.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_clear_errors():
+    with pytest.raises(LlmctlError, match="float16 is not supported on CPU"):
+        resolve_dtype("float16", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(LlmctlError, match="CUDA is not available"):
+            resolve_device("cuda")
+        assert resolve_device("auto") in (torch.device("cpu"), torch.device("mps"))
+
+
+@pytest.mark.gpu
+def test_cuda_auto_is_bf16_or_fp16_with_scaler():
+    p = Precision.from_names("auto", "auto")
+    assert p.device.type == "cuda"
+    assert p.dtype in (torch.bfloat16, torch.float16)
+    assert p.scaler.is_enabled() == (p.dtype == torch.float16)
+    fp16 = Precision.from_names("cuda", "float16")
+    state = fp16.scaler_state()
+    assert state["scale"] > 0
+    fresh = Precision.from_names("cuda", "float16")
+    fresh.load_scaler_state({**state, "scale": 128.0})
+    assert fresh.scaler.get_scale() == 128.0

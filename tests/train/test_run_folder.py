@@ -1,0 +1,88 @@
+"""Run folders, `--resume` targets and the architecture check before a resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llmctl.config import load_config
+from llmctl.errors import LlmctlError
+from llmctl.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from llmctl.train.run_folder import (
+    architecture_differences,
+    check_same_architecture,
+    prepare_run_dir,
+    resume_target,
+)
+
+TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8, "vocab_size": 32,
+        "total_batch_size": 16}
+
+
+def _ckpt(path, step=3, **cfg):
+    run = load_config({**TINY, **cfg})
+    return save_checkpoint(path, state_dict={"w": torch.zeros(2)}, run=run, step=step)
+
+
+def test_resume_auto_takes_latest_and_starts_fresh_without_one(tmp_path):
+    assert resume_target("auto", tmp_path / "run") is None
+    _ckpt(tmp_path / "run" / "best", step=2)
+    assert resume_target("auto", tmp_path / "run") is None  # best alone is not resumed
+    _ckpt(tmp_path / "run" / "latest", step=5)
+    assert resume_target("auto", tmp_path / "run") == tmp_path / "run" / "latest"
+    # an explicit run folder also means its latest (resolve_checkpoint alone prefers best)
+    assert resume_target(str(tmp_path / "run"), tmp_path / "x") == tmp_path / "run" / "latest"
+    assert resume_target(str(tmp_path / "run" / "best"), tmp_path / "x").name == "best"
+    assert resume_target(None, tmp_path / "run") is None
+
+
+def test_resume_auto_recovers_an_interrupted_save(tmp_path):
+    _ckpt(tmp_path / "latest", step=4)
+    os.replace(tmp_path / "latest", tmp_path / ".latest.old")
+    assert read_checkpoint(resume_target("auto", tmp_path)).step == 4
+
+
+@pytest.mark.parametrize("make", ["missing", "empty_dir", "file", "pickle"])
+def test_bad_resume_paths(tmp_path, make):
+    target = tmp_path / "ckpt"
+    if make == "empty_dir":
+        target.mkdir()
+    elif make == "file":
+        target.write_text("hello")
+    elif make == "pickle":
+        target = tmp_path / "model.pt"
+        torch.save({"w": torch.zeros(1)}, target)
+    with pytest.raises(CheckpointError, match=r"--resume .*(does not exist|not a checkpoint|"
+                                              r"expected a checkpoint folder|never unpickles)"):
+        resume_target(str(target), tmp_path)
+
+
+def test_architecture_differences_are_listed():
+    base = load_config(TINY).model
+    assert architecture_differences(base, load_config(TINY).model) == []
+    # dropout / init_std are not architecture; a mha layer ignores n_kv_heads
+    same = load_config({**TINY, "dropout": 0.1, "init_std": 0.01, "n_kv_heads": 1}).model
+    assert architecture_differences(base, same) == []
+    other = load_config({**TINY, "n_embd": 32, "attn": "gqa", "n_kv_heads": 1}).model
+    diffs = architecture_differences(base, other)
+    assert "n_embd: checkpoint 16, now 32" in diffs
+    assert "layers[0].attn: checkpoint 'mha', now 'gqa'" in diffs
+    assert "layers[1].kv_heads: checkpoint 2, now 1" in diffs
+
+
+def test_check_same_architecture_refuses(tmp_path):
+    info = read_checkpoint(_ckpt(tmp_path / "c"))
+    check_same_architecture(info, load_config(TINY).model)
+    with pytest.raises(LlmctlError, match=r"different model architecture:\n  n_layer: "
+                                          r"checkpoint 2, now 3"):
+        check_same_architecture(info, load_config({**TINY, "n_layer": 3}).model)
+
+
+def test_unwritable_run_folder(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(LlmctlError, match="cannot write to the run folder"):
+        prepare_run_dir(blocker / "run")
+    assert prepare_run_dir(tmp_path / "ok" / "run").is_dir()
