@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models run far faster on one intra-op thread than on 2 cores shared with other work
+# (oversubscription stalls cost 10x); set before torch is imported, so subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +34,13 @@ def gpt2_tiktoken() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not present (set LLMCTL_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

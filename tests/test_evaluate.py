@@ -18,13 +18,6 @@ from llmctl.model import LLM
 VOCAB, BLOCK = 37, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 ARCHS = {
     "mha": {"attn": "mha", "n_head": 2, "pos_emb": "learn"},
     "gqa": {"attn": "gqa", "n_head": 4, "n_kv_heads": 2, "pos_emb": "rope", "norm": "rms"},

@@ -38,7 +38,6 @@ def _reference_greedy(model: LLM, idx: torch.Tensor, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("pos_emb", ["learn", "rope"])
 @pytest.mark.parametrize("attn", ["mha", "mqa", "gqa", "mla"])
 def test_greedy_beyond_block_size_equals_cropping_reference(attn: str, pos_emb: str) -> None:
-    torch.set_num_threads(1)
     model = _model(attn=attn, pos_emb=pos_emb, moe=True, n_exp=4, n_shared=1, n_act=2,
                    coeff=0.01)
     prompt = torch.randint(0, 53, (2, 5))

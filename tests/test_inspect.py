@@ -116,7 +116,6 @@ def _saved_activation_bytes(model: LLM, idx: torch.Tensor) -> int:
                                           ("mla", "sin"), ("mqa", "sin")])
 def test_activation_estimate_is_close_to_what_autograd_keeps(attn: str, pos_emb: str,
                                                              ffn: str) -> None:
-    torch.set_num_threads(1)
     run = _run(attn=attn, pos_emb=pos_emb, **FFNS[ffn])
     memory = inspect_model(run.model, run.train)["memory"]
     torch.manual_seed(0)

@@ -37,13 +37,6 @@ runner = CliRunner()
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for subprocesses
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_checkpoint(path: Path, tokenizer, arch: str = "mha", train_steps: int = 0,

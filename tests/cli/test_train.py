@@ -21,7 +21,6 @@ TINY = ["--dataset", "tiny", "--n_layer", "2", "--n_embd", "32", "--n_head", "2"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shakespeare_txt) -> Path:
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli_train")
     corpus = root / "corpus.txt"
     corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:30_000], encoding="utf-8")

@@ -56,4 +56,3 @@ def aux_free_flags() -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
-    torch.set_num_threads(1)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from llmctl.data.prepare import PrepareOptions, prepare_dataset
 
@@ -26,12 +25,6 @@ MOE_LAYER = {"attn": "gqa", "n_head": 2, "n_kv_heads": 1, "moe": True, "up_dim":
 DENSE_LAYER = {"attn": "mha", "n_head": 2, "moe": False, "up_dim": 64, "non_linearity": "gelu"}
 # heterogeneous: a dense block, then an aux-free MoE block (its biases are resume state)
 HETERO = {"layer_configs": json.dumps([DENSE_LAYER, MOE_LAYER]), "n_layer": None}
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread() -> None:
-    """The machine has 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
