@@ -119,17 +119,20 @@ def _check_block(check: _Checker, p: str, b: BlockConfig, run: RunConfig) -> Non
 
 
 def _check_moe(check: _Checker, p: str, b: BlockConfig) -> None:
-    missing = [n for n in ("n_exp", "n_shared", "n_act") if getattr(b, n) is None]
-    for name in missing:
-        check.add(p + name, f"moe needs {name}")
-    if not missing:
-        ok = check.size(p + "n_exp", b.n_exp, high=MAX_EXPERTS)
-        ok &= check.size(p + "n_shared", b.n_shared, low=0, high=MAX_EXPERTS)
-        ok &= check.size(p + "n_act", b.n_act, high=MAX_EXPERTS)
-        if ok and not (b.n_shared < b.n_act <= b.n_exp):
-            check.add(p + "n_act", f"need n_shared < n_act <= n_exp, got n_shared={b.n_shared},"
-                      f" n_act={b.n_act}, n_exp={b.n_exp} (n_act counts the shared experts and"
-                      " at least one routed expert must be active)")
+    sizes = {}
+    for name, low in (("n_exp", 1), ("n_shared", 0), ("n_act", 1)):
+        value = getattr(b, name)
+        if value is None:
+            check.add(p + name, f"moe needs {name}")
+        elif check.size(p + name, value, low=low, high=MAX_EXPERTS):
+            sizes[name] = value
+    n_exp, n_shared, n_act = (sizes.get(n) for n in ("n_exp", "n_shared", "n_act"))
+    if n_act is not None and n_exp is not None and n_act > n_exp:
+        check.add(p + "n_act", f"need n_act <= n_exp, got n_act={n_act}, n_exp={n_exp}")
+    if n_act is not None and n_shared is not None and n_shared >= n_act:
+        check.add(p + "n_act", f"need n_shared < n_act, got n_shared={n_shared}, n_act={n_act}"
+                  " (n_act counts the shared experts; at least one routed expert must be "
+                  "active)")
     needed = ("alpha", "gamma") if b.aux_free else ("coeff",)
     mode = "aux_free" if b.aux_free else "moe without aux_free"
     for name in needed:

@@ -200,3 +200,40 @@ def test_real_process_bad_input_has_no_traceback(tmp_path):
         assert out.returncode == 2, out
         assert "Traceback" not in out.stderr + out.stdout
         assert "error:" in out.stderr
+
+
+# Every parameter of the reference (parameters.md), with a value and where it must land.
+REFERENCE_PARAMETERS = {
+    "dataset": ("tinystories", "train"), "total_batch_size_str": ("2**12", None),
+    "batch_size": ("4", "train"), "max_iters": ("7", "train"),
+    "learning_rate": ("0.001", "train"), "warmup_steps": ("3", "train"),
+    "grad_clip": ("0.5", "train"), "act_recomp": (True, "train"), "compile": (True, "train"),
+    "eval": (True, "train"), "eval_interval": ("9", "train"), "eval_iters": ("11", "train"),
+    "save_model": (True, "train"), "ckpt_interval": ("13", "train"),
+    "file_name": ("run_x", "train"), "wandb_log": (True, "train"),
+    "wandb_project": ("proj", "train"), "wandb_run_name": ("name", "train"),
+    "n_layer": ("3", "model"), "n_embd": ("96", "model"), "vocab_size": ("1000", "model"),
+    "block_size": ("64", "model"), "dropout": ("0.1", "model"), "pos_emb": ("rope", "model"),
+    "norm": ("rms", "model"), "up_dim": ("200", "layers"), "non_linearity": ("swiglu", "layers"),
+    "attn": ("mla", "layers"), "n_head": ("6", "layers"), "n_kv_heads": ("2", "layers"),
+    "q_latent_dim": ("32", "layers"), "kv_latent_dim": ("24", "layers"),
+    "rope_head_dim": ("8", "layers"), "moe": (True, "layers"), "n_exp": ("8", "layers"),
+    "n_shared": ("1", "layers"), "n_act": ("3", "layers"), "aux_free": (True, "layers"),
+    "alpha": ("0.0001", "layers"), "gamma": ("0.002", "layers"), "coeff": ("0.03", "layers"),
+}
+
+
+def test_every_reference_parameter_is_a_flag_with_its_meaning():
+    args = []
+    for name, (value, _) in REFERENCE_PARAMETERS.items():
+        args += [f"--{name}"] if value is True else [f"--{name}", value]
+    result = invoke("validate-config", "--json", *args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["train"]["total_batch_size"] == 4096
+    for name, (value, section) in REFERENCE_PARAMETERS.items():
+        if section is None:
+            continue
+        got = data[section][0][name] if section == "layers" else data[section][name]
+        assert str(got).lower() == str(value).lower() or got == pytest.approx(float(value)), name
+    assert all(layer == data["layers"][0] for layer in data["layers"]) and len(data["layers"]) == 3
