@@ -95,6 +95,7 @@ def main() -> None:
     import torch
 
     from llmctl.config import load_config
+    from llmctl.inspect import training_flops_per_token
     from llmctl.model import LLM
 
     C, H = args.n_embd, args.n_head
@@ -119,12 +120,15 @@ def main() -> None:
     }
     torch.manual_seed(0)
     models: dict[str, torch.nn.Module] = {}
+    flops: dict[str, float] = {}  # training FLOPs per token, as inspect-params counts them
     for name, extra in configs.items():
         run = load_config(overrides={**base, **extra}, check_batch_split=False)
+        flops[name] = training_flops_per_token(run.model)
         model = LLM(run.model)
         for layer in model.moe_layers:
             layer.experts.dispatch = "grouped_mm" if name.endswith("grouped_mm") else "loop"
         models[name] = model
+    flops["nanogpt_reference"] = flops["a_dense_gpt2"]  # the same architecture
     models["nanogpt_reference"] = nanogpt_reference(args.n_layer, C, H, args.vocab_size,
                                                     args.block_size, dense_up)
     if args.only:
@@ -159,6 +163,7 @@ def main() -> None:
                          "step_ms": round(1e3 * wall, 2),
                          "median_step_ms": round(1e3 * median(times[name]["wall"]), 2),
                          "cpu_step_ms": round(1e3 * cpu, 2),
+                         "flops_per_token": flops[name],
                          "params": sum(p.numel() for p in model.parameters())}
         if hasattr(model, "moe_layers") and model.moe_layers:
             results[name]["active_params"] = results[name]["params"] - sum(

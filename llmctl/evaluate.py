@@ -10,7 +10,6 @@ import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import LlmctlError
@@ -231,19 +230,11 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
 
 
 def _read_text(path: str) -> str:
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LlmctlError(f"text file {file} does not exist") from None
-    except IsADirectoryError:
-        raise LlmctlError(f"text file {file} is a folder") from None
-    except UnicodeDecodeError as err:
-        raise LlmctlError(f"text file {file} is not UTF-8 text: {err}") from None
-    except OSError as err:
-        raise LlmctlError(f"cannot read text file {file}: {err.strerror or err}") from None
+    from .inference import read_text_file
+
+    text = read_text_file(path, "text file")
     if not text:
-        raise LlmctlError(f"text file {file} is empty")
+        raise LlmctlError(f"text file {path} is empty")
     return text
 
 

@@ -170,17 +170,9 @@ def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:
             raise LlmctlError(f"the prompt on stdin is not UTF-8 text: {err}") from None
         where = "stdin"
     else:
-        try:
-            with open(prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise LlmctlError(f"prompt file {prompt_file} does not exist") from None
-        except IsADirectoryError:
-            raise LlmctlError(f"prompt file {prompt_file} is a folder") from None
-        except UnicodeDecodeError as err:
-            raise LlmctlError(f"prompt file {prompt_file} is not UTF-8 text: {err}") from None
-        except OSError as err:
-            raise LlmctlError(f"cannot read prompt file {prompt_file}: {err.strerror}") from None
+        from .inference import read_text_file
+
+        text = read_text_file(prompt_file, "prompt file")
         where = f"prompt file {prompt_file}"
     if not text:
         raise LlmctlError(f"{where} is empty (no prompt text); to start from end-of-text, "

@@ -20,6 +20,11 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(err.exit_code) from None
 
 
-def not_implemented(command: str) -> None:
-    typer.echo(f"llmctl {command}: not implemented yet", err=True)
-    raise typer.Exit(1)
+def device_option() -> typer.models.OptionInfo:
+    return typer.Option("auto", "--device",
+                        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+
+
+def dtype_option() -> typer.models.OptionInfo:
+    return typer.Option("auto", "--dtype", help="auto (bf16/fp16 autocast on CUDA, fp32 "
+                        "elsewhere), float32, bfloat16 or float16.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import user_errors
+from ._common import device_option, dtype_option, user_errors
 
 _DATA = "Data"
 
@@ -45,11 +45,8 @@ def eval_cmd(
         help="Seed of the random batches (default: the trainer's eval seed, the "
         "checkpoint's seed + 1 for train, + 2 for val)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), float32, "
-        "bfloat16 or float16."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Mean loss (nats/token) and perplexity of a checkpoint, batched, without gradients."""
     from ..evaluate import EvalRequest, evaluate_checkpoint

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import user_errors
+from ._common import device_option, dtype_option, user_errors
 
 _SAMPLING = "Sampling"
 
@@ -51,11 +51,8 @@ def sample(
         rich_help_panel=_SAMPLING, help="Stop a sample at the end-of-text token."),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object with every sample instead of streaming."),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), float32, "
-        "bfloat16 or float16."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Generate text from a checkpoint with its own tokenizer, using the KV cache."""
     from ..inference import checkpoint_argument, load_checkpoint

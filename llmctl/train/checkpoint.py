@@ -65,6 +65,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, allow_nan=True)
@@ -128,7 +134,9 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
             "tokenizer": dict(tokenizer) if tokenizer is not None else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; give every file the usual mode
         for name in os.listdir(tmp):
+            os.chmod(tmp / name, mode)
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)

@@ -79,6 +79,17 @@ def test_run_folder_resolves_best_then_latest(tmp_path, run):
     assert resolve_checkpoint(tmp_path / "latest" / "config.json") == tmp_path / "latest"
 
 
+def test_files_get_the_usual_permissions(tmp_path, run):
+    old = os.umask(0o022)
+    try:
+        folder = _save(tmp_path / "ckpt", Tied(), run, optimizer_state={"state": {}},
+                       trainer_state={})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644) and "model.safetensors" in modes
+
+
 def test_overwrite_leaves_no_temporaries(tmp_path, run):
     _save(tmp_path / "latest", Tied(), run, step=1)
     _save(tmp_path / "latest", Tied(), run, step=2)
