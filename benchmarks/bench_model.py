@@ -171,10 +171,12 @@ def main() -> None:
                 for m in model.moe_layers)
 
     def ratio(a: str, b: str) -> float | None:
-        """Step-time ratio a / b from CPU time (robust to other load; equal to wall time on
-        an idle machine with one thread)."""
+        """Step-time ratio a / b: the median over rounds of the paired per-round CPU-time
+        ratios (a and b run back to back in every round, so drifts in machine speed cancel;
+        CPU time is not inflated by waiting for a core other processes hold)."""
         if a in results and b in results:
-            return round(results[a]["cpu_step_ms"] / results[b]["cpu_step_ms"], 3)
+            pairs = [ta / tb for ta, tb in zip(times[a]["cpu"], times[b]["cpu"], strict=True)]
+            return round(median(pairs), 3)
         return None
 
     moe_names = [n for n in results if n.startswith("d_moe")]
@@ -198,7 +200,7 @@ def main() -> None:
             "moe_grouped_mm_vs_loop": ratio("d_moe_16x1s4a_grouped_mm", "d_moe_16x1s4a_loop"),
         },
         "fastest_moe_dispatch": fastest_moe,
-        "ratio_basis": "cpu_step_ms (process CPU time, best round)",
+        "ratio_basis": "median of per-round paired CPU-time ratios",
         "wall_spread": {n: round(max(v["wall"]) / min(v["wall"]), 3) for n, v in times.items()},
     })
 
