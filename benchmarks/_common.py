@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, n_layer: int = 4, n_embd: int = 256,
+                   n_head: int = 8, vocab_size: int = 8192, block_size: int = 256) -> None:
+    """The model-size flags every benchmark takes."""
+    parser.add_argument("--n_layer", type=int, default=n_layer)
+    parser.add_argument("--n_embd", type=int, default=n_embd)
+    parser.add_argument("--n_head", type=int, default=n_head)
+    parser.add_argument("--vocab_size", type=int, default=vocab_size)
+    parser.add_argument("--block_size", type=int, default=block_size)
 
 
 def environment(threads: int) -> dict[str, Any]:

@@ -9,16 +9,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import emit, environment
+from _common import add_model_args, emit, environment
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n_layer", type=int, default=4)
-    parser.add_argument("--n_embd", type=int, default=256)
-    parser.add_argument("--n_head", type=int, default=8)
-    parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--block_size", type=int, default=512)
+    add_model_args(parser, block_size=512)
     parser.add_argument("--prompt_tokens", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)

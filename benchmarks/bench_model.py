@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from _common import emit, environment, interleaved, median
+from _common import add_model_args, emit, environment, interleaved, median
 
 
 def nanogpt_reference(n_layer: int, n_embd: int, n_head: int, vocab_size: int,
@@ -78,11 +78,7 @@ def nanogpt_reference(n_layer: int, n_embd: int, n_head: int, vocab_size: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n_layer", type=int, default=4)
-    parser.add_argument("--n_embd", type=int, default=256)
-    parser.add_argument("--n_head", type=int, default=8)
-    parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--block_size", type=int, default=256)
+    add_model_args(parser)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="training steps per round")

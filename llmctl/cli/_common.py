@@ -20,6 +20,16 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(err.exit_code) from None
 
 
+def checkpoint_argument() -> typer.models.ArgumentInfo:
+    return typer.Argument(None, metavar="CKPT", show_default=False, help="Checkpoint folder, "
+                          "or run folder (its best checkpoint, else latest).")
+
+
+def model_path_option() -> typer.models.OptionInfo:
+    return typer.Option(None, "--model_path", show_default=False,
+                        help="The checkpoint, as the reference names it (instead of CKPT).")
+
+
 def device_option() -> typer.models.OptionInfo:
     return typer.Option("auto", "--device",
                         help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")

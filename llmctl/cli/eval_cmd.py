@@ -7,18 +7,20 @@ from pathlib import Path
 
 import typer
 
-from ._common import device_option, dtype_option, user_errors
+from ._common import (
+    checkpoint_argument,
+    device_option,
+    dtype_option,
+    model_path_option,
+    user_errors,
+)
 
 _DATA = "Data"
 
 
 def eval_cmd(
-    ckpt: Path | None = typer.Argument(
-        None, metavar="CKPT", show_default=False,
-        help="Checkpoint folder, or run folder (its best checkpoint, else latest)."),
-    model_path: Path | None = typer.Option(
-        None, "--model_path", show_default=False,
-        help="The checkpoint, as the reference names it (instead of CKPT)."),
+    ckpt: Path | None = checkpoint_argument(),
+    model_path: Path | None = model_path_option(),
     dataset: str | None = typer.Option(
         None, "--dataset", show_default=False, rich_help_panel=_DATA,
         help="Prepared dataset name (default: the one the checkpoint was trained on)."),

@@ -9,18 +9,20 @@ from pathlib import Path
 
 import typer
 
-from ._common import device_option, dtype_option, user_errors
+from ._common import (
+    checkpoint_argument,
+    device_option,
+    dtype_option,
+    model_path_option,
+    user_errors,
+)
 
 _SAMPLING = "Sampling"
 
 
 def sample(
-    ckpt: Path | None = typer.Argument(
-        None, metavar="CKPT", show_default=False,
-        help="Checkpoint folder, or run folder (its best checkpoint, else latest)."),
-    model_path: Path | None = typer.Option(
-        None, "--model_path", show_default=False,
-        help="The checkpoint, as the reference names it (instead of CKPT)."),
+    ckpt: Path | None = checkpoint_argument(),
+    model_path: Path | None = model_path_option(),
     prompt: str = typer.Option(
         "Once upon a time", "--prompt", "-p",
         help="Text to continue ('' starts from end-of-text; '-' reads stdin)."),
