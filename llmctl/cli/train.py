@@ -52,32 +52,27 @@ def train(
     typer.echo(", ".join(parts) + f"; run folder {result.run_dir}")
 
 
-def _model_keys() -> set[str]:
-    from ..config.schema import BLOCK_FIELDS, MODEL_FIELDS
-
-    return set(MODEL_FIELDS) | set(BLOCK_FIELDS) | {"layer_configs", "layer_configs_jsonl"}
-
-
-def _resolve_config(config_files: list[Path], overrides: dict[str, Any]) -> Any:
-    """The run's config. `--resume CKPT` with no config file and no model flag continues
-    with the checkpoint's own config (flags given now still override it)."""
+def _resolve_config(config_files: list[Path], overrides: dict[str, Any],
+                    world_size: int | None = None) -> Any:
+    """The run's config. `--resume CKPT` without a config file continues with the
+    checkpoint's own config; flags given now override it (the trainer refuses changes to the
+    architecture with the list of differences)."""
     from ..config import load_config
     from ..train.run_folder import read_resume_checkpoint, resume_target, run_dir
 
-    if overrides.get("resume") and not config_files and not set(overrides) & _model_keys():
+    if overrides.get("resume") and not config_files:
         probe = load_config(overrides=overrides, check_batch_split=False)
         ckpt = resume_target(probe.train.resume, run_dir(probe))
         if ckpt is not None:
             info = read_resume_checkpoint(ckpt)
-            return load_config(info.raw["config"], overrides=overrides)
-    return load_config(*config_files, overrides=overrides)
+            return load_config(info.raw["config"], overrides=overrides, world_size=world_size)
+    return load_config(*config_files, overrides=overrides, world_size=world_size)
 
 
 def _launch(nproc: int, config_files: list[Path], overrides: dict[str, Any]) -> int:
-    from ..config import load_config
     from ..train.distributed import launch
 
-    load_config(*config_files, overrides=overrides, world_size=nproc)  # fail before spawning
+    _resolve_config(config_files, overrides, world_size=nproc)  # fail before spawning
     args: list[str] = []
     for path in config_files:
         args += ["--config", str(path)]

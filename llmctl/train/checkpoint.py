@@ -102,7 +102,8 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
     """Write a checkpoint folder atomically; the previous one at `path` survives any crash.
 
     Written into a hidden temp folder, then swapped in with renames. Between the two renames
-    the previous checkpoint lives on as `.NAME.old`, which `resolve_checkpoint` recovers.
+    the previous checkpoint lives on as `.NAME.old`: readers (`resolve_checkpoint`) read it
+    in place, and the next save, the only renamer, puts it back first.
     `files` (e.g. tokenizer rank files) are copied in beside the weights.
     """
     import torch
@@ -114,6 +115,8 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
     tmp, old = parent / f".{path.name}.tmp", parent / f".{path.name}.old"
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() and (old / CONFIG).is_file():
+            os.replace(old, path)  # an earlier save stopped between its two renames
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         tensors, aliases = _dedupe_tied(state_dict)
@@ -170,6 +173,12 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:1] == b"\x80" or head[:2] == b"PK"
 
 
+def _foreign_pickles(folder: Path) -> list[Path]:
+    """Pickled weight files (e.g. a nanoGPT ckpt.pt), not our own weights_only optimizer.pt."""
+    return sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES
+                  and p.name != OPTIMIZER)
+
+
 def _refuse_pickle(path: Path) -> None:
     raise CheckpointError(
         f"{path} is a pickle file; llmctl never unpickles weights (a pickle can run arbitrary "
@@ -188,21 +197,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                               f"and {WEIGHTS}) or a run folder")
     if not path.exists():
         old = path.parent / f".{path.name}.old"
-        if old.is_dir() and (old / CONFIG).is_file():
-            os.replace(old, path)  # a save was interrupted between its two renames
-        else:
-            raise CheckpointError(f"checkpoint folder {path} does not exist")
+        if (old / CONFIG).is_file():
+            # A save is between its two renames (or stopped there): read the previous
+            # checkpoint where it is. Only the writer renames, so readers never race it.
+            return old
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder")
     if (path / CONFIG).is_file():
         return path
     for name in ("best", "latest"):
-        candidate = path / name
-        if (candidate / CONFIG).is_file() or (path / f".{name}.old" / CONFIG).is_file():
-            return resolve_checkpoint(candidate)
-    pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if (path / name / CONFIG).is_file() or (path / f".{name}.old" / CONFIG).is_file():
+            return resolve_checkpoint(path / name)
+    pickles = _foreign_pickles(path)
     if pickles and not (path / WEIGHTS).exists():
-        _refuse_pickle(path / pickles[0])
+        _refuse_pickle(pickles[0])
     raise CheckpointError(f"{path} is not a checkpoint: {CONFIG} is missing (and there is no "
                           "best/ or latest/ checkpoint inside)")
 
@@ -235,9 +244,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
     file = folder / WEIGHTS
     if not file.is_file():
-        others = [p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-        if others:
-            _refuse_pickle(others[0])
+        pickles = _foreign_pickles(folder)
+        if pickles:
+            _refuse_pickle(pickles[0])
         raise CheckpointError(f"{file} is missing")
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:

@@ -68,6 +68,31 @@ def test_resume_from_a_checkpoint_alone_continues_with_its_config(data_dir, tmp_
     assert info.run.train.max_iters == 5
 
 
+def test_resume_from_a_checkpoint_with_flags_keeps_its_config(data_dir, tmp_path):
+    first = _train(*_base(data_dir, tmp_path, "--file_name", "d", "--attn", "mqa",
+                          "--save_model"))
+    assert first.exit_code == 0, first.output
+    latest = tmp_path / "runs" / "d" / "latest"
+    # a flag that does not change the weights' shapes: still the checkpoint's config beneath
+    result = _train("--resume", str(latest), "--max_iters", "4", "--dropout", "0.1")
+    assert result.exit_code == 0, result.output
+    info = read_checkpoint(latest)
+    assert info.step == 4 and info.run.model.layers[0].attn == "mqa"
+    assert info.run.model.dropout == 0.1 and info.run.model.block_size == 32
+
+
+@pytest.mark.slow
+def test_nproc_resume_from_a_checkpoint_alone(data_dir, tmp_path, monkeypatch):
+    first = _train(*_base(data_dir, tmp_path, "--file_name", "n", "--save_model",
+                          "--total_batch_size", "256"))  # 2 micro-steps, or 1 per rank
+    assert first.exit_code == 0, first.output
+    latest = tmp_path / "runs" / "n" / "latest"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = _train("--nproc", "2", "--resume", str(latest), "--max_iters", "5")
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(latest).step == 5
+
+
 def test_resume_with_another_architecture_is_refused(data_dir, tmp_path):
     first = _train(*_base(data_dir, tmp_path, "--file_name", "a", "--save_model"))
     assert first.exit_code == 0, first.output

@@ -97,11 +97,34 @@ def test_overwrite_leaves_no_temporaries(tmp_path, run):
     assert read_checkpoint(tmp_path / "latest").step == 2
 
 
-def test_crash_between_renames_is_recovered(tmp_path, run):
+def test_between_the_renames_readers_read_the_old_one_and_the_writer_restores(tmp_path, run):
     _save(tmp_path / "latest", Tied(), run, step=4)
     os.replace(tmp_path / "latest", tmp_path / ".latest.old")  # state after the first rename
-    assert read_checkpoint(tmp_path / "latest").step == 4
-    assert (tmp_path / "latest").is_dir()
+    assert read_checkpoint(tmp_path / "latest").step == 4  # read in place...
+    assert read_checkpoint(tmp_path).step == 4  # ...also through the run folder
+    assert not (tmp_path / "latest").exists()  # ...and never renamed by a reader
+    _save(tmp_path / "best", Tied(), run, step=5)  # another checkpoint: leaves latest alone
+    assert not (tmp_path / "latest").exists()
+    _save(tmp_path / "latest", Tied(), run, step=6)  # the writer finishes the job
+    assert read_checkpoint(tmp_path / "latest").step == 6
+    assert sorted(os.listdir(tmp_path)) == ["best", "latest"]
+
+
+def test_a_reader_during_a_save_does_not_break_it(tmp_path, run, monkeypatch):
+    _save(tmp_path / "latest", Tied(), run, step=1)
+    real_replace = os.replace
+    seen = []
+
+    def replace_and_read(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".latest.old"):  # a reader arrives between the two renames
+            seen.append(read_checkpoint(tmp_path / "latest").step)
+
+    monkeypatch.setattr(os, "replace", replace_and_read)
+    _save(tmp_path / "latest", Tied(), run, step=2)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert seen == [1]
+    assert read_checkpoint(tmp_path / "latest").step == 2
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, run):
@@ -153,6 +176,13 @@ def test_damaged_weights_are_clear_errors(tmp_path, run, damage):
     else:
         weights.unlink()
     with pytest.raises(CheckpointError, match="truncated|corrupted|missing"):
+        load_weights(folder, Tied())
+
+
+def test_missing_weights_beside_the_optimizer_state_say_so(tmp_path, run):
+    folder = _save(tmp_path / "ckpt", Tied(), run, optimizer_state={"state": {}})
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model.safetensors is missing"):
         load_weights(folder, Tied())
 
 
