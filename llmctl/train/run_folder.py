@@ -30,6 +30,27 @@ def prepare_run_dir(path: Path) -> Path:
     return path
 
 
+def check_fresh_start(folder: Path, *, set_aside_metrics: bool) -> None:
+    """Before a run that resumes nothing: refuse a folder holding an earlier run's
+    checkpoints (mixing them would leave e.g. a stale best/ that sample and eval pick), and
+    set an earlier metrics.jsonl aside rather than appending to it. Nothing is deleted."""
+    earlier = [name for name in (LATEST, BEST) if (folder / name / CONFIG).is_file()
+               or (folder / f".{name}.old" / CONFIG).is_file()]
+    if earlier:
+        raise LlmctlError(
+            f"the run folder {folder} already holds checkpoints of an earlier run "
+            f"({', '.join(n + '/' for n in earlier)}): continue it with --resume auto, or start "
+            "a new run under another --file_name (or --out_dir), or remove the folder")
+    metrics = folder / "metrics.jsonl"
+    if set_aside_metrics and metrics.is_file():
+        stamp = int(metrics.stat().st_mtime)
+        aside = folder / f"metrics.{stamp}.jsonl"
+        n = 1
+        while aside.exists():
+            aside, n = folder / f"metrics.{stamp}-{n}.jsonl", n + 1
+        metrics.rename(aside)
+
+
 def resume_target(resume: str | None, folder: Path) -> Path | None:
     """The checkpoint folder `--resume` names, or None to start fresh.
 

@@ -28,6 +28,7 @@ from .prefetch import Prefetcher
 from .run_folder import (
     BEST,
     LATEST,
+    check_fresh_start,
     check_same_architecture,
     prepare_run_dir,
     read_resume_checkpoint,
@@ -93,9 +94,8 @@ class Trainer:
         if self.env.is_main:
             prepare_run_dir(self.run_dir)
         dist_utils.barrier()
-        self.metrics = MetricsFile(self.run_dir / METRICS_FILE)
-
         ckpt = self._resume_target()
+        self.metrics = MetricsFile(self.run_dir / METRICS_FILE)
         info = None
         if ckpt is not None:
             info = read_resume_checkpoint(ckpt)
@@ -137,11 +137,13 @@ class Trainer:
         self.peak = peak_flops(self.device, self.cfg.peak_flops)
 
     def _resume_target(self) -> Path | None:
-        """Rank 0 finds the checkpoint (recovering an interrupted save), the others follow."""
+        """Rank 0 finds the checkpoint, or vets the folder for a fresh start; others follow."""
         found, error = None, None
         if self.env.is_main:
             try:
                 found = resume_target(self.cfg.resume, self.run_dir)
+                if found is None:
+                    check_fresh_start(self.run_dir, set_aside_metrics=True)
             except LlmctlError as err:
                 error = str(err)
         found, error = dist_utils.broadcast_json((found and str(found), error))

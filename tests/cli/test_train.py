@@ -151,3 +151,26 @@ def test_bad_input_is_a_message_not_a_traceback(data_dir, tmp_path, case):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert re.search(pattern, result.output, re.S), result.output
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_one(data_dir, tmp_path):
+    run = tmp_path / "runs" / "again"
+    first = _train(*_base(data_dir, tmp_path, "--file_name", "again"))  # metrics only
+    assert first.exit_code == 0, first.output
+    old_metrics = (run / "metrics.jsonl").read_text()
+    second = _train(*_base(data_dir, tmp_path, "--file_name", "again", "--save_model"))
+    assert second.exit_code == 0, second.output
+    set_aside = [p for p in run.glob("metrics.*.jsonl")]
+    assert len(set_aside) == 1 and set_aside[0].read_text() == old_metrics  # kept, not mixed
+    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3  # only this run's records
+    # now checkpoints exist: a third fresh run is refused, nothing touched
+    third = _train(*_base(data_dir, tmp_path, "--file_name", "again", "--max_iters", "6"))
+    assert third.exit_code == 2
+    assert "already holds checkpoints of an earlier run (latest/)" in third.output
+    assert "--resume auto" in third.output
+    assert read_checkpoint(run / "latest").step == 3
+    resumed = _train(*_base(data_dir, tmp_path, "--file_name", "again", "--max_iters", "6",
+                            "--resume", "auto", "--save_model"))
+    assert resumed.exit_code == 0, resumed.output
+    assert read_checkpoint(run / "latest").step == 6
