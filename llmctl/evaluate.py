@@ -195,7 +195,8 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
     info, model = loaded.info, loaded.model
     train = info.run.train
     block_size = loaded.block_size
-    batch_size = request.batch_size or train.batch_size
+    # the trainer's eval covers batch_size windows per rank: the run's whole world's worth
+    batch_size = request.batch_size or train.batch_size * _trained_world_size(info.path)
     autocast = loaded.precision.autocast
     start = time.perf_counter()
     if request.text_file is not None:
@@ -227,6 +228,19 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
                       loss=result.loss, perplexity=result.perplexity, tokens=result.tokens,
                       batch_size=batch_size, block_size=block_size,
                       seconds=time.perf_counter() - start)
+
+
+def _trained_world_size(folder: Path) -> int:
+    """Data-parallel processes the checkpoint was trained with (1 when not recorded)."""
+    import json
+
+    from .train.checkpoint import TRAINER_STATE
+
+    try:
+        value = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))["world_size"]
+        return value if isinstance(value, int) and value >= 1 else 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
 
 
 def _read_text(path: str) -> str:

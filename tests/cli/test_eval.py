@@ -149,15 +149,17 @@ def test_default_estimate_is_the_trainers(world):
     assert other["tokens"] == 2 * 5 * BLOCK and other["loss"] != out["loss"]
 
 
-def test_reproduces_the_val_and_train_loss_the_trainer_recorded(world, tmp_path):
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_reproduces_the_val_and_train_loss_the_trainer_recorded(world, tmp_path, nproc):
     chars, _, _ = world
     trained = runner.invoke(app, [
         "train", "--dataset", chars.folder.name, "--data_dir", str(chars.folder.parent),
         "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--up_dim", "32",
         "--block_size", str(BLOCK), "--vocab_size", str(chars.vocab_size), "--batch_size", "2",
-        "--total_batch_size", str(2 * BLOCK), "--max_iters", "2", "--warmup_steps", "1",
+        "--total_batch_size", str(4 * BLOCK), "--max_iters", "2", "--warmup_steps", "1",
         "--eval", "--eval_interval", "2", "--eval_iters", "3", "--save_model",
-        "--out_dir", str(tmp_path), "--file_name", "run", "--device", "cpu"])
+        "--out_dir", str(tmp_path), "--file_name", "run", "--device", "cpu",
+        "--nproc", str(nproc)])
     assert trained.exit_code == 0, trained.output
     recorded = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["metrics"]
     val = eval_json(tmp_path / "run")
