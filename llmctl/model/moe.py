@@ -20,6 +20,8 @@ once on a contiguous slice (or all at once through `torch._grouped_mm`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -37,6 +39,22 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+@functools.cache
+def _cpu_grouped_mm_available() -> bool:
+    """torch._grouped_mm exists from torch 2.8 and has a CPU kernel only from 2.9: probe once
+    (forward and backward) instead of trusting the version."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        w = torch.ones(2, 4, 4, requires_grad=True)
+        offsets = torch.tensor([2, 4], dtype=torch.int32)
+        # square(): a dense upstream gradient, as inside the model (sum() would expand one)
+        torch._grouped_mm(torch.ones(4, 4), w, offs=offsets).square().sum().backward()
+        return True
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     # torch's kernel needs 16-byte aligned rows, and on CUDA bf16 on sm90+; its compile-time
     # shape function accepts bf16 only.
@@ -46,7 +64,7 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return (aligned and x.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(x.device) >= (9, 0))
-    return aligned and x.device.type == "cpu"
+    return aligned and x.device.type == "cpu" and _cpu_grouped_mm_available()
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,

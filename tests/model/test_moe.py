@@ -292,3 +292,17 @@ def test_training_from_a_skewed_router_lowers_max_load_violation(aux_free: bool)
         moe.update_bias(moe.load_counts())
     after = _violation(moe, x)
     assert after < 0.5 * before
+
+
+def test_auto_dispatch_falls_back_to_the_loop_without_a_cpu_grouped_mm(monkeypatch) -> None:
+    """Older torch (no _grouped_mm, or no CPU kernel for it) still runs MoE on CPU."""
+    import llmctl.model.moe as moe
+
+    torch.manual_seed(0)
+    x, w, counts = torch.randn(8, 16), torch.randn(3, 16, 16), torch.tensor([3, 0, 5])
+    expected = grouped_matmul(x, w, counts, "loop")
+    assert moe._cpu_grouped_mm_available()  # this torch has the CPU kernel
+    monkeypatch.setattr(moe, "_cpu_grouped_mm_available", lambda: False)
+    monkeypatch.setattr(torch, "_grouped_mm", None, raising=False)  # would fail if called
+    assert not moe._grouped_mm_supported(x, w)
+    assert torch.allclose(grouped_matmul(x, w, counts, "auto"), expected)
