@@ -40,16 +40,21 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @functools.cache
+@torch.compiler.disable
 def _cpu_grouped_mm_available() -> bool:
     """torch._grouped_mm exists from torch 2.8 and has a CPU kernel only from 2.9: probe once
-    (forward and backward) instead of trusting the version."""
+    (forward and backward) instead of trusting the version. The first call may come from a
+    no_grad / inference-mode / autocast forward: the probe sets its own clean context."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        w = torch.ones(2, 4, 4, requires_grad=True)
-        offsets = torch.tensor([2, 4], dtype=torch.int32)
-        # square(): a dense upstream gradient, as inside the model (sum() would expand one)
-        torch._grouped_mm(torch.ones(4, 4), w, offs=offsets).square().sum().backward()
+        with (torch.inference_mode(False), torch.enable_grad(),
+              torch.autocast("cpu", enabled=False)):
+            w = torch.ones(2, 4, 4, device="cpu", requires_grad=True)
+            offsets = torch.tensor([2, 4], dtype=torch.int32, device="cpu")
+            x = torch.ones(4, 4, device="cpu")
+            # square(): a dense upstream gradient, as in the model (sum() would expand one)
+            torch._grouped_mm(x, w, offs=offsets).square().sum().backward()
         return True
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False

@@ -301,7 +301,9 @@ def test_auto_dispatch_falls_back_to_the_loop_without_a_cpu_grouped_mm(monkeypat
     torch.manual_seed(0)
     x, w, counts = torch.randn(8, 16), torch.randn(3, 16, 16), torch.tensor([3, 0, 5])
     expected = grouped_matmul(x, w, counts, "loop")
-    assert moe._cpu_grouped_mm_available()  # this torch has the CPU kernel
+    moe._cpu_grouped_mm_available.cache_clear()
+    with torch.no_grad(), torch.inference_mode():  # a first call from a generation forward
+        assert moe._cpu_grouped_mm_available()  # this torch has the CPU kernel
     monkeypatch.setattr(moe, "_cpu_grouped_mm_available", lambda: False)
     monkeypatch.setattr(torch, "_grouped_mm", None, raising=False)  # would fail if called
     assert not moe._grouped_mm_supported(x, w)
