@@ -37,18 +37,13 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
 def precision_for(device: str = "auto", dtype: str = "auto") -> Precision:
     """The trainer's device choice (auto = cuda > mps > cpu) and autocast dtype, with a clear
     error for a device or dtype name that is not one."""
-    import torch
-
+    from .config.validate import DEVICE
     from .train.precision import Precision
 
     if dtype not in DTYPES:
         raise LlmctlError(f"--dtype: {one_of(dtype, DTYPES)}")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        if device != "auto":
-            raise LlmctlError(f"--device {device!r} is not a device (use auto, cpu, cuda, "
-                              "cuda:N or mps)") from None
+    if not DEVICE.match(device):  # the same devices `train` accepts
+        raise LlmctlError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     return Precision.from_names(device, dtype)
 
 

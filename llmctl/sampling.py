@@ -36,6 +36,8 @@ class SampleSettings:
             raise LlmctlError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.num_samples < 1:
             raise LlmctlError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise LlmctlError(f"seed must be in [0, 2**63), got {self.seed}")
         check_sampling(self.temperature, self.top_k, self.top_p)
 
 

@@ -234,7 +234,8 @@ def test_bad_options_and_text_files(world, tmp_path):
     _error(invoke(ckpt, "--text", one, "--dataset", "fox"), "--dataset")
     _error(invoke(ckpt, "--full", "--eval_iters", "3"), "--full")
     _error(invoke(ckpt, "--eval_iters", "0"))
-    _error(invoke(ckpt, "--device", "nonsense"), "not a device")
+    _error(invoke(ckpt, "--device", "nonsense"), "is not one of auto, cpu, cuda")
+    _error(invoke(ckpt, "--device", "meta"), "is not one of auto, cpu, cuda")
     _error(invoke(), "missing checkpoint")
 
 

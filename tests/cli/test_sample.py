@@ -370,7 +370,10 @@ def test_bad_options(tmp_path, ckpt):
     _error(invoke(ckpt, "--top_p", "1.5"))
     _error(invoke(ckpt, "--top_p", "0"), "top_p")
     _error(invoke(ckpt, "--num_samples", "0"))
-    _error(invoke(ckpt, "--device", "gpu9"), "not a device")
+    _error(invoke(ckpt, "--device", "gpu9"), "is not one of auto, cpu, cuda")
+    _error(invoke(ckpt, "--device", "meta"), "is not one of auto, cpu, cuda")
+    _error(invoke(ckpt, "--seed", str(2**64)), "seed must be in [0, 2**63)")
+    _error(invoke(ckpt, "--seed", "-1"), "seed must be in [0, 2**63)")
     _error(invoke(ckpt, "--dtype", "int8"), "dtype")
     if not torch.cuda.is_available():
         _error(invoke(ckpt, "--device", "cuda"), "CUDA is not available")
