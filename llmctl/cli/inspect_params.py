@@ -8,32 +8,24 @@ from typing import Any
 
 import typer
 
-from ..errors import LlmctlError
 from ._common import user_errors
 from .options import with_config_options
 
 
-def _checkpoint_config(folder: Path) -> dict[str, Any]:
-    """The sectioned config stored in a checkpoint folder's config.json."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise LlmctlError(f"{folder}: not a checkpoint folder (no config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LlmctlError(f"{path}: cannot read the checkpoint config: {err}") from None
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        return data["config"]
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        return {k: data[k] for k in ("model", "layers", "train") if k in data}
-    raise LlmctlError(f"{path}: expected a 'config' object holding the run config")
+def _source(path: Path) -> Any:
+    """A config file as it is; a checkpoint (or run) folder by the config it holds."""
+    if path.is_dir():
+        from ..train.checkpoint import read_checkpoint
+
+        return read_checkpoint(path).raw["config"]
+    return path
 
 
 @with_config_options
 def inspect_params(
     files: list[Path] | None = typer.Argument(
-        None, help="Config files (YAML, JSON, JSONL) or a checkpoint folder (its config.json), "
-        "lowest precedence first."),
+        None, help="Config files (YAML, JSON, JSONL), or a checkpoint or run folder (its best, "
+        "else latest checkpoint), lowest precedence first."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     config_files: list[Path] = (),
     overrides: dict[str, Any] = None,
@@ -43,8 +35,7 @@ def inspect_params(
     from ..inspect import inspect_model
 
     with user_errors():
-        sources = [_checkpoint_config(p) if p.is_dir() else p
-                   for p in [*(files or []), *config_files]]
+        sources = [_source(p) for p in [*(files or []), *config_files]]
         run = load_config(*sources, overrides=overrides, check_batch_split=False)
         report = inspect_model(run.model, run.train)
     if as_json:

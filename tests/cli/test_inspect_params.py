@@ -77,14 +77,16 @@ def test_config_file_and_flags_take_precedence(tmp_path: Path) -> None:
     assert b["model"]["n_layer"] == 5 and b["params"]["total"] > a["params"]["total"]
 
 
-@pytest.mark.parametrize("wrapped", [True, False])
-def test_checkpoint_folder(tmp_path: Path, wrapped: bool) -> None:
+def test_checkpoint_and_run_folder(tmp_path: Path) -> None:
     run = load_config(overrides=_flags_to_overrides(SMALL + ARCHS["mla"]),
                       check_batch_split=False)
-    payload = ({"config": run.to_dict(), "step": 7, "tokenizer": {"kind": "gpt2"}}
-               if wrapped else {**run.to_dict(), "step": 7})
-    (tmp_path / "config.json").write_text(json.dumps(payload))
-    result = invoke(str(tmp_path), "--json")
+    payload = {"config": run.to_dict(), "step": 7, "tokenizer": {"kind": "gpt2"}}
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "config.json").write_text(json.dumps(payload))
+    result = invoke(str(tmp_path / "latest"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(invoke(str(tmp_path), "--json").output) == json.loads(result.output)
+    result = invoke(str(tmp_path), "--json")  # the run folder: its latest checkpoint
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report == json.loads(json.dumps(inspect_model(run.model, run.train)))
