@@ -106,6 +106,11 @@ def _check_options(opts: PrepareOptions) -> None:
     if opts.dataset is not None and opts.dataset not in DATASETS and opts.source is None:
         raise LlmctlError(f"unknown dataset: {one_of(opts.dataset, DATASETS)}; or pass "
                           "--source PATH|URL (and --name) to prepare your own text")
+    if opts.tokenizer == "char" and opts.tokenizer_file:
+        raise LlmctlError("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
+    if opts.source is not None and not is_url(str(opts.source)) and not Path(
+            opts.source).expanduser().exists():
+        raise LlmctlError(f"--source {opts.source} does not exist")  # before any tokenizer
     if opts.val_fraction is not None and not 0 < opts.val_fraction < 1:
         raise LlmctlError(f"--val_fraction {opts.val_fraction} must be between 0 and 1")
     if opts.max_tokens is not None and opts.max_tokens < 2:
@@ -262,8 +267,6 @@ def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
     tokenizer: Tokenizer | None = None
     if opts.tokenizer != "char":  # fail on a bad tokenizer before any download
         tokenizer = create_tokenizer(opts.tokenizer, opts.tokenizer_file)
-    elif opts.tokenizer_file:
-        raise LlmctlError("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
     plan = _plan(opts, data_dir)
     if tokenizer is None:
         tokenizer = _fit_chars(plan, opts)

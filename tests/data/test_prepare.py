@@ -249,8 +249,9 @@ def test_unknown_dataset_and_bad_options(tmp_path):
         prepare_dataset(_options(tmp_path))
     with pytest.raises(LlmctlError, match="val_fraction"):
         prepare_dataset(_options(tmp_path, dataset="shakespeare", val_fraction=1.5))
+    (tmp_path / "x.txt").write_text("some text\n")
     with pytest.raises(LlmctlError, match="plain folder name"):
-        prepare_dataset(_options(tmp_path, source="x.txt", name="../escape"))
+        prepare_dataset(_options(tmp_path, source=str(tmp_path / "x.txt"), name="../escape"))
     with pytest.raises(LlmctlError, match="wikitext-2-raw-v1"):
         prepare_dataset(_options(tmp_path, dataset="wikitext", subset="wikitext-3"))
 
