@@ -83,7 +83,9 @@ def read_resume_checkpoint(path: Path) -> CheckpointInfo:
 
 # Model settings that do not change the architecture (a resume may change them).
 _NOT_ARCHITECTURE = {"dropout", "init_std", "layers"}
-_MOE_KEYS = ("n_exp", "n_shared", "n_act", "coeff", "aux_free", "alpha", "gamma")
+# coeff / alpha / gamma weigh the balancing losses and bias steps: tunable on resume.
+# aux_free is not: it switches the router's scoring (and its bias buffer).
+_MOE_KEYS = ("n_exp", "n_shared", "n_act", "aux_free")
 
 
 def _block_view(block: BlockConfig) -> dict[str, object]:

@@ -65,6 +65,14 @@ def test_architecture_differences_are_listed():
     # dropout / init_std are not architecture; a mha layer ignores n_kv_heads
     same = load_config({**TINY, "dropout": 0.1, "init_std": 0.01, "n_kv_heads": 1}).model
     assert architecture_differences(base, same) == []
+    moe = {"moe": True, "n_exp": 4, "n_shared": 1, "n_act": 2, "aux_free": True,
+           "alpha": 1e-4, "gamma": 1e-3}
+    retuned = {**moe, "alpha": 0.01, "gamma": 0.1}  # balancing strengths are not architecture
+    assert architecture_differences(load_config({**TINY, **moe}).model,
+                                    load_config({**TINY, **retuned}).model) == []
+    switched = {**moe, "aux_free": False, "coeff": 0.01}
+    assert "layers[0].aux_free: checkpoint True, now False" in architecture_differences(
+        load_config({**TINY, **moe}).model, load_config({**TINY, **switched}).model)
     other = load_config({**TINY, "n_embd": 32, "attn": "gqa", "n_kv_heads": 1}).model
     diffs = architecture_differences(base, other)
     assert "n_embd: checkpoint 16, now 32" in diffs
