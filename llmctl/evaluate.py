@@ -51,7 +51,7 @@ def _loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     import torch.nn.functional as F
 
     with autocast_ctx if autocast_ctx is not None else nullcontext():
-        logits = model(x, targets=y).logits  # (B, T, V)
+        logits = model(x, use_cache=False).logits  # (B, T, V); the loss is computed below
     # fp32 log-softmax: in bf16/fp16 the log-sum-exp over a large vocabulary loses digits
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
                            reduction="sum")

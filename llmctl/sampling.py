@@ -47,10 +47,6 @@ class PromptTokens:
     ids: list[int]  # what the model is fed (cropped to block_size; [eot] for an empty prompt)
     dropped: int = 0  # leading tokens cropped away to fit block_size
 
-    @property
-    def from_eot(self) -> bool:
-        return self.text == ""
-
 
 @dataclass
 class Sample:

@@ -118,10 +118,6 @@ class LLMConfig:
         return all(layer == self.layers[0] for layer in self.layers)
 
     @property
-    def head_dims(self) -> list[int]:
-        return [self.n_embd // layer.n_head for layer in self.layers]
-
-    @property
     def has_moe(self) -> bool:
         return any(layer.moe for layer in self.layers)
 

@@ -55,7 +55,7 @@ def training_summary(run: RunConfig, world_size: int = 1) -> dict[str, object]:
         "tokens per step": t.total_batch_size,
         "micro-batch": f"{t.batch_size} × {run.model.block_size} tokens"
                        + (f" × {world_size} ranks" if world_size > 1 else ""),
-        "grad accumulation steps": (t.total_batch_size // micro
+        "grad accumulation steps": (run.grad_accum_steps(world_size)
                                     if t.total_batch_size % micro == 0 else "not an integer"),
         "steps": t.max_iters,
         "learning rate": f"{t.learning_rate:g} → {t.final_lr:g} (warmup {t.warmup_steps}, "

@@ -256,17 +256,3 @@ class PreparedDataset:
                        rank: int = 0, world_size: int = 1) -> RandomBatchSampler:
         return RandomBatchSampler(self.tokens(split), batch_size, block_size, seed, rank,
                                   world_size, name=f"split {split!r} of dataset {self.name}")
-
-    def sequential_batches(self, split: str, batch_size: int, block_size: int, rank: int = 0,
-                           world_size: int = 1) -> SequentialBatches:
-        return SequentialBatches(self.tokens(split), batch_size, block_size, rank, world_size,
-                                 name=f"split {split!r} of dataset {self.name}")
-
-    def verify(self) -> None:
-        """Recompute every file's sha256 against meta.json (slow: reads everything)."""
-        for split, entry in self.meta["splits"].items():
-            expected = entry.get("sha256")
-            if expected and layout.sha256_file(self.folder / entry["file"]) != expected:
-                hint = layout.prepare_hint(self.name, self.folder.parent)
-                raise LlmctlError(f"{self.folder / entry['file']} ({split}) does not match its "
-                                  f"checksum; run `{hint} --force`")
