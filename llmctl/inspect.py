@@ -129,10 +129,21 @@ def _ffn_activations(block: BlockConfig, C: int) -> int:
     return n
 
 
+def _trains_in_fp32(train: TrainConfig) -> bool:
+    """The trainer's choice: autocast (2-byte activations) on a GPU or when asked, fp32 on
+    CPU. device=auto resolves as on this machine; plan a GPU run with --device cuda."""
+    if train.dtype != "auto":
+        return train.dtype == "float32"
+    if train.device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return train.device == "cpu"
+
+
 def memory_estimate(cfg: LLMConfig, train: TrainConfig, n_params: int) -> dict[str, Any]:
     """Bytes for weights, grads, AdamW states and activations (with / without act_recomp)."""
-    fp32 = train.device == "cpu" or train.dtype == "float32"
-    act_bytes = 4 if fp32 else 2
+    act_bytes = 4 if _trains_in_fp32(train) else 2
     tokens = train.batch_size * cfg.block_size
     per_layer = [_block_activations(b, cfg) for b in cfg.layers]
     # embeddings out, final norm in / out, the fp32 log-probabilities of the cross-entropy

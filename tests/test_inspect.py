@@ -148,3 +148,14 @@ def test_seven_billion_parameters_on_the_meta_device() -> None:
     expected = 32000 * C + 32 * (4 * C * C + 3 * C * U + 2 * C) + C
     assert report["params"]["total"] == expected  # 6.6B with the tied head
     assert report["kv_cache"]["bytes_full_context"] == 32 * 2 * C * 2 * 4096  # 2 GiB in bf16
+
+
+@pytest.mark.parametrize("device,dtype,expected", [
+    ("cpu", "auto", 4), ("cuda", "auto", 2), ("cuda", "float32", 4), ("cpu", "bfloat16", 2),
+    ("auto", "auto", 2 if torch.cuda.is_available() else 4),  # as the trainer resolves it here
+])
+def test_activation_bytes_follow_the_trainers_precision(device: str, dtype: str,
+                                                        expected: int) -> None:
+    run = load_config(overrides={"device": device, "dtype": dtype}, check_batch_split=False)
+    memory = inspect_model(run.model, run.train)["memory"]
+    assert memory["activation_bytes_per_number"] == expected

@@ -96,8 +96,11 @@ def _print_report(report: dict[str, Any]) -> None:
                   f"{_bytes(kv['bytes_full_context'])} for a full {kv['context']}-token context")
     mem = report.get("memory")
     if mem:
+        precision = ("fp32" if mem["activation_bytes_per_number"] == 4
+                     else "16-bit autocast")
         table = Table(title=f"training memory (batch_size {mem['batch_size']} × block_size "
-                      f"{mem['block_size']})", title_justify="left", show_header=False)
+                      f"{mem['block_size']}, {precision} activations)", title_justify="left",
+                      show_header=False)
         table.add_column("what")
         table.add_column("bytes", justify="right")
         for label, key in (("weights (fp32)", "weights"), ("gradients (fp32)", "grads"),
