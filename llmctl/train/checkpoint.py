@@ -299,8 +299,7 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict | None, dict]:
     optimizer_state = None
     if (folder / OPTIMIZER).is_file():
         try:
-            optimizer_state = torch.load(folder / OPTIMIZER, map_location="cpu",
-                                         weights_only=True)
+            optimizer_state = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
         except Exception as err:  # weights_only refuses anything but tensors and containers
             raise CheckpointError(f"{folder / OPTIMIZER} cannot be read safely: {err}") from None
     trainer_state: dict = {}
