@@ -36,6 +36,29 @@ def gpt2_tiktoken() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def char_dataset(tmp_path_factory: pytest.TempPathFactory, shakespeare_txt: Path):
+    """char_dataset(name, chars) -> a data_dir holding dataset `name`: the first `chars`
+    characters of Tiny Shakespeare, prepared with the char tokenizer (one per session)."""
+    from llmctl.data.prepare import PrepareOptions, prepare_dataset
+
+    made: dict[tuple[str, int], Path] = {}
+
+    def make(name: str, chars: int) -> Path:
+        if (name, chars) not in made:
+            root = tmp_path_factory.mktemp(f"char_{name}")
+            corpus = root / "corpus.txt"
+            corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:chars],
+                              encoding="utf-8")
+            prepare_dataset(PrepareOptions(source=str(corpus), name=name,
+                                           data_dir=root / "data", tokenizer="char",
+                                           progress=False, num_proc=1))
+            made[name, chars] = root / "data"
+        return made[name, chars]
+
+    return make
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     import torch

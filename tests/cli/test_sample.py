@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,6 @@ ARCHS = {
             "coeff": 0.01, "pos_emb": "sin"},
 }
 runner = CliRunner()
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for subprocesses
 
 
 
@@ -382,8 +380,7 @@ def test_bad_options(tmp_path, ckpt):
 def test_real_process_streams_and_fails_without_traceback(trained, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "llmctl", "sample", str(trained), "--seed", "2",
                          "--max_new_tokens", "20", "--prompt", "The fox"],
-                        capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=ONE_THREAD)
+                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("The fox") and len(ok.stdout) > len("The fox\n")
     assert "tokens/s" in ok.stderr
@@ -391,8 +388,7 @@ def test_real_process_streams_and_fails_without_traceback(trained, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     bad = subprocess.run([sys.executable, "-m", "llmctl", "sample", str(broken)],
-                         capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=ONE_THREAD)
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2
     assert "error:" in bad.stderr and "not JSON" in bad.stderr
     assert "Traceback" not in bad.stderr + bad.stdout

@@ -11,7 +11,6 @@ import torch
 from typer.testing import CliRunner
 
 from llmctl.cli import app
-from llmctl.data.prepare import PrepareOptions, prepare_dataset
 from llmctl.train.checkpoint import read_checkpoint
 
 TINY = ["--dataset", "tiny", "--n_layer", "2", "--n_embd", "32", "--n_head", "2",
@@ -20,13 +19,8 @@ TINY = ["--dataset", "tiny", "--n_layer", "2", "--n_embd", "32", "--n_head", "2"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shakespeare_txt) -> Path:
-    root = tmp_path_factory.mktemp("cli_train")
-    corpus = root / "corpus.txt"
-    corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    prepare_dataset(PrepareOptions(source=str(corpus), name="tiny", data_dir=root / "data",
-                                   tokenizer="char", progress=False, num_proc=1))
-    return root / "data"
+def data_dir(char_dataset) -> Path:
+    return char_dataset("tiny", 30_000)
 
 
 def _train(*args: str):

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from llmctl.cli import app
 from llmctl.config import load_config
-from llmctl.data.prepare import PrepareOptions, prepare_dataset
 from llmctl.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,13 +24,8 @@ def test_every_architecture_has_an_example() -> None:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare_txt: Path) -> Path:
-    root = tmp_path_factory.mktemp("examples")
-    corpus = root / "corpus.txt"
-    corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    prepare_dataset(PrepareOptions(source=str(corpus), name="smoke", data_dir=root / "data",
-                                   tokenizer="char", progress=False, num_proc=1))
-    return root / "data"
+def data_dir(char_dataset) -> Path:
+    return char_dataset("smoke", 20_000)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-from llmctl.data.prepare import PrepareOptions, prepare_dataset
-
 CORPUS_CHARS = 60_000
 # ~20k parameters: a step takes milliseconds on one CPU core
 TINY: dict[str, Any] = {
@@ -28,15 +26,9 @@ HETERO = {"layer_configs": json.dumps([DENSE_LAYER, MOE_LAYER]), "n_layer": None
 
 
 @pytest.fixture(scope="session")
-def char_data(tmp_path_factory: pytest.TempPathFactory, shakespeare_txt: Path) -> Path:
+def char_data(char_dataset) -> Path:
     """data_dir holding the prepared char-level dataset `tiny` (60k characters)."""
-    root = tmp_path_factory.mktemp("char_data")
-    corpus = root / "corpus.txt"
-    corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:CORPUS_CHARS],
-                      encoding="utf-8")
-    prepare_dataset(PrepareOptions(source=str(corpus), name="tiny", data_dir=root / "data",
-                                   tokenizer="char", progress=False, num_proc=1))
-    return root / "data"
+    return char_dataset("tiny", CORPUS_CHARS)
 
 
 @pytest.fixture
