@@ -27,7 +27,7 @@ def main() -> None:
     import torch
 
     from llmctl.config import load_config
-    from llmctl.generate import generate
+    from llmctl.infer.decode import generate
     from llmctl.model import LLM
 
     C, H = args.n_embd, args.n_head

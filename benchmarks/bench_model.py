@@ -91,7 +91,7 @@ def main() -> None:
     import torch
 
     from llmctl.config import load_config
-    from llmctl.inspect import training_flops_per_token
+    from llmctl.model.costs import training_flops_per_token
     from llmctl.model import LLM
 
     C, H = args.n_embd, args.n_head

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import typer
 
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 
 
 @contextmanager

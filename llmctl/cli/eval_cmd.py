@@ -51,8 +51,8 @@ def eval_cmd(
     dtype: str = dtype_option(),
 ) -> None:
     """Mean loss (nats/token) and perplexity of a checkpoint, batched, without gradients."""
-    from ..evaluate import EvalRequest, evaluate_checkpoint
-    from ..inference import checkpoint_argument, load_checkpoint
+    from ..infer.evaluate import EvalRequest, evaluate_checkpoint
+    from ..infer.load import checkpoint_argument, load_checkpoint
 
     with user_errors():
         path = checkpoint_argument(ckpt, model_path)

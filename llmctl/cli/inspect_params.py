@@ -15,7 +15,7 @@ from .options import with_config_options
 def _source(path: Path) -> Any:
     """A config file as it is; a checkpoint (or run) folder by the config it holds."""
     if path.is_dir():
-        from ..train.checkpoint import read_checkpoint
+        from ..runtime.checkpoint import read_checkpoint
 
         return read_checkpoint(path).raw["config"]
     return path
@@ -32,7 +32,7 @@ def inspect_params(
 ) -> None:
     """Total and active parameters, training FLOPs per token, KV-cache size and memory."""
     from ..config import load_config
-    from ..inspect import inspect_model
+    from ..model.costs import inspect_model
 
     with user_errors():
         sources = [_source(p) for p in [*(files or []), *config_files]]

@@ -26,7 +26,7 @@ def _count(value: str | None, flag: str) -> int | None:
     """'1000000', '1e6', '10M', '10B' -> an integer count."""
     if value is None:
         return None
-    from ..errors import LlmctlError
+    from ..core.errors import LlmctlError
 
     match = re.fullmatch(r"\s*([0-9_]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", value.lower())
     if not match:

@@ -57,8 +57,8 @@ def sample(
     dtype: str = dtype_option(),
 ) -> None:
     """Generate text from a checkpoint with its own tokenizer, using the KV cache."""
-    from ..inference import checkpoint_argument, load_checkpoint
-    from ..sampling import SampleSettings, encode_prompt, read_prompt
+    from ..infer.load import checkpoint_argument, load_checkpoint
+    from ..infer.sample import SampleSettings, encode_prompt, read_prompt
 
     with user_errors():
         path = checkpoint_argument(ckpt, model_path)
@@ -93,7 +93,7 @@ def sample(
 def _run(loaded, tokens, settings, as_json: bool) -> list:
     """Stream each sample (prompt echoed, then the continuation) to stdout unless --json;
     the speed of each to stderr."""
-    from ..sampling import generate_samples
+    from ..infer.sample import generate_samples
 
     out = sys.stdout
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 from .options import with_config_options
 
 
@@ -70,7 +70,7 @@ def _resolve_config(config_files: list[Path], overrides: dict[str, Any],
 
 
 def _launch(nproc: int, config_files: list[Path], overrides: dict[str, Any]) -> int:
-    from ..train.distributed import launch
+    from ..runtime.distributed import launch
 
     _resolve_config(config_files, overrides, world_size=nproc)  # fail before spawning
     args: list[str] = []

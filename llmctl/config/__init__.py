@@ -1,6 +1,6 @@
 """Configuration: the dataclass tree and the one loader every command uses."""
 
-from ..errors import ConfigError, Problem
+from ..core.errors import ConfigError, Problem
 from .loader import load_config
 from .schema import BlockConfig, LLMConfig, LLMconfig, RunConfig, TrainConfig, Trainconfig
 

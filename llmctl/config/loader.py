@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, Problem, did_you_mean
+from ..core.errors import ConfigError, Problem, did_you_mean
 from .coerce import CoercionError, coerce, field_types
 from .schema import (
     BLOCK_FIELDS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import Problem, one_of
+from ..core.errors import Problem, one_of
 from .schema import (
     ATTN_KINDS,
     DTYPES,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LlmctlError, one_of
+from ..core.errors import LlmctlError, one_of
 from .sources import STRUCTURED_SUFFIXES, Piece, SourcePlan, Stream
 
 _ROWS_PER_BATCH = 1000

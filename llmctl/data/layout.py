@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.schema import DATASETS
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 from . import layout
 from .tokenizers import Tokenizer, tokenizer_files, tokenizer_from_spec
 

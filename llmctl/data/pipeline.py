@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 from .sources import PIECE_CHARS, Piece
 from .tokenizers import Tokenizer, tokenizer_from_spec
 

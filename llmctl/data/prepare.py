@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..config.schema import DATASETS
-from ..errors import LlmctlError, one_of
+from ..core.errors import LlmctlError, one_of
 from . import layout
 from .hub import HUB_DATASETS, hub_plan
 from .pipeline import SplitWriter, TokenizerPool, batch_pieces

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 
 Piece = tuple[str, bool, float]  # (text, ends a document, progress units consumed)
 

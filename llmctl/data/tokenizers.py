@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LlmctlError, one_of
+from ..core.errors import LlmctlError, one_of
 
 TIKTOKEN_FILE_ENV = "LLMCTL_TIKTOKEN_FILE"
 RANK_FILE = "tokenizer.tiktoken"  # name of the copied rank file beside meta.json

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..data.loader import PreparedDataset, RandomBatchSampler
-from .distributed import DistEnv
+from ..runtime.distributed import DistEnv
 
 
 @dataclass

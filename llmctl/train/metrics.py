@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import LlmctlError
-from .distributed import DistEnv
+from ..core.errors import LlmctlError
+from ..runtime.distributed import DistEnv
 
 
 class Parallel:

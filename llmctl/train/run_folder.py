@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from ..config import BlockConfig, LLMConfig, RunConfig
-from ..errors import LlmctlError
-from .checkpoint import CONFIG, CheckpointError, CheckpointInfo, read_checkpoint, resolve_checkpoint
+from ..core.errors import LlmctlError
+from ..runtime.checkpoint import CONFIG, CheckpointError, CheckpointInfo, read_checkpoint, resolve_checkpoint
 
 LATEST, BEST = "latest", "best"
 

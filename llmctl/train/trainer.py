@@ -14,16 +14,16 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, load_config
-from ..errors import LlmctlError
-from . import distributed as dist_utils
-from .checkpoint import save_checkpoint
+from ..core.errors import LlmctlError
+from ..runtime import distributed as dist_utils
+from ..runtime.checkpoint import save_checkpoint
 from .data import TrainingData, open_training_data
-from .distributed import DistEnv
+from ..runtime.distributed import DistEnv
 from .flops import mfu, peak_flops
 from .metrics import METRICS_FILE, Console, MetricsFile
 from .optim import LRSchedule, build_optimizer, set_lr
 from .parallel import Parallel, local_value
-from .precision import Precision
+from ..runtime.device import Precision
 from .prefetch import Prefetcher
 from .run_folder import (
     BEST,
@@ -110,7 +110,7 @@ class Trainer:
         self.raw_model = LLM(self.run.model)
         self.raw_model.act_recomp = self.cfg.act_recomp
         if ckpt is not None:
-            from .checkpoint import load_weights
+            from ..runtime.checkpoint import load_weights
 
             load_weights(ckpt, self.raw_model)
         self.raw_model.to(self.device)
@@ -152,7 +152,7 @@ class Trainer:
         return Path(found) if found else None
 
     def _restore(self, ckpt: Path, info: Any) -> dict[str, Any]:
-        from .checkpoint import load_training_state
+        from ..runtime.checkpoint import load_training_state
 
         opt_state, state = load_training_state(ckpt)
         if opt_state is None or not state:
@@ -374,7 +374,7 @@ class Trainer:
         return {"loss": loss}
 
     def _evaluate(self, sampler_state: dict[str, Any]) -> dict[str, Any]:
-        from ..evaluate import estimate_loss
+        from ..infer.evaluate import estimate_loss
 
         losses = []
         for i, split in enumerate(("train", "val")):
@@ -431,7 +431,7 @@ class _Window:
 
 
 def _flops_per_token(run: RunConfig) -> float:
-    from ..inspect import training_flops_per_token
+    from ..model.costs import training_flops_per_token
 
     return training_flops_per_token(run.model)
 

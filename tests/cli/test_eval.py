@@ -21,7 +21,7 @@ from llmctl.config import load_config
 from llmctl.data.loader import PreparedDataset
 from llmctl.data.prepare import PrepareOptions, prepare_dataset
 from llmctl.model import LLM
-from llmctl.train.checkpoint import save_checkpoint
+from llmctl.runtime.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK, BATCH, ITERS, SEED = 16, 3, 4, 123
@@ -70,7 +70,7 @@ def make_checkpoint(path: Path, dataset: PreparedDataset, arch: str = "mha",
 
 
 def load(ckpt: Path) -> LLM:
-    from llmctl.train.checkpoint import load_model
+    from llmctl.runtime.checkpoint import load_model
 
     return load_model(ckpt)[0]
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from llmctl.cli import app
 from llmctl.config import load_config
-from llmctl.inspect import inspect_model
+from llmctl.model.costs import inspect_model
 from llmctl.model import LLM
 
 runner = CliRunner()

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from llmctl.cli import app
 from llmctl.data.loader import PreparedDataset
-from llmctl.errors import LlmctlError
+from llmctl.core.errors import LlmctlError
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from llmctl.cli import app
 from llmctl.config import load_config
 from llmctl.data.tokenizers import ByteTokenizer, CharTokenizer, create_tokenizer
-from llmctl.generate import next_token_probs
-from llmctl.inference import load_checkpoint
+from llmctl.infer.decode import next_token_probs
+from llmctl.infer.load import load_checkpoint
 from llmctl.model import LLM
-from llmctl.sampling import IncrementalDecoder, SampleSettings, encode_prompt, generate_samples
-from llmctl.train.checkpoint import save_checkpoint
+from llmctl.infer.sample import IncrementalDecoder, SampleSettings, encode_prompt, generate_samples
+from llmctl.runtime.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = 24

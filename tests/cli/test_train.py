@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from llmctl.cli import app
-from llmctl.train.checkpoint import read_checkpoint
+from llmctl.runtime.checkpoint import read_checkpoint
 
 TINY = ["--dataset", "tiny", "--n_layer", "2", "--n_embd", "32", "--n_head", "2",
         "--block_size", "32", "--vocab_size", "64", "--up_dim", "64", "--batch_size", "4",

@@ -17,7 +17,7 @@ from llmctl.data.loader import (
 )
 from llmctl.data.prepare import PrepareOptions, prepare_dataset
 from llmctl.data.tokenizers import tokenizer_from_spec
-from llmctl.errors import LlmctlError
+from llmctl.core.errors import LlmctlError
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from llmctl.data import layout
 from llmctl.data.prepare import SHAKESPEARE_URL_ENV, PrepareOptions, prepare_dataset
-from llmctl.errors import LlmctlError
+from llmctl.core.errors import LlmctlError
 
 
 def _tokens(folder: Path, split: str) -> np.ndarray:

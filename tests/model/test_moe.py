@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.config import BlockConfig
-from llmctl.generate import generate
+from llmctl.infer.decode import generate
 from llmctl.model import LLM
 from llmctl.model.mlp import ACTIVATIONS, is_gated
 from llmctl.model.moe import MoE, grouped_matmul

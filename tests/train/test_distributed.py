@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llmctl.config import load_config
-from llmctl.train.checkpoint import load_training_state, read_checkpoint, read_weights
-from llmctl.train.distributed import DistEnv, all_gather_json, all_reduce_, torchrun_command
+from llmctl.runtime.checkpoint import load_training_state, read_checkpoint, read_weights
+from llmctl.runtime.distributed import DistEnv, all_gather_json, all_reduce_, torchrun_command
 from llmctl.train.trainer import Trainer
 
 
@@ -93,8 +93,8 @@ def test_single_process_helpers_are_identity():
 
 
 def test_nproc_is_refused_inside_a_torchrun_job(monkeypatch):
-    from llmctl.errors import LlmctlError
-    from llmctl.train.distributed import launch
+    from llmctl.core.errors import LlmctlError
+    from llmctl.runtime.distributed import launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LlmctlError, match="inside a torchrun job"):

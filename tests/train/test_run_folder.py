@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmctl.config import load_config
-from llmctl.errors import LlmctlError
-from llmctl.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from llmctl.core.errors import LlmctlError
+from llmctl.runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from llmctl.train.run_folder import (
     architecture_differences,
     check_same_architecture,

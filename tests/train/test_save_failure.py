@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmctl.config import load_config
-from llmctl.train.checkpoint import read_checkpoint, read_weights
+from llmctl.runtime.checkpoint import read_checkpoint, read_weights
 from llmctl.train.trainer import Trainer
 
 

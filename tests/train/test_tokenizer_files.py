@@ -8,8 +8,8 @@ import torch
 
 from llmctl.config import load_config
 from llmctl.data.prepare import PrepareOptions, prepare_dataset
-from llmctl.inference import load_checkpoint
-from llmctl.train.checkpoint import read_checkpoint
+from llmctl.infer.load import load_checkpoint
+from llmctl.runtime.checkpoint import read_checkpoint
 from llmctl.train.trainer import Trainer
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llmctl.config import load_config
-from llmctl.evaluate import estimate_loss
-from llmctl.inference import load_checkpoint
-from llmctl.train.checkpoint import read_checkpoint, read_weights
+from llmctl.infer.evaluate import estimate_loss
+from llmctl.infer.load import load_checkpoint
+from llmctl.runtime.checkpoint import read_checkpoint, read_weights
 from llmctl.train.optim import LRSchedule
 from llmctl.train.trainer import Trainer, TrainingDiverged
 
@@ -136,7 +136,7 @@ def test_eval_best_checkpoint_and_plot(tiny, records):
 
 
 def test_mfu_with_given_peak_flops(tiny, records):
-    from llmctl.inspect import training_flops_per_token
+    from llmctl.model.costs import training_flops_per_token
 
     trainer, result = _fit(tiny(file_name="mfu", peak_flops=1e12, max_iters=2))
     per_token = training_flops_per_token(trainer.run.model)

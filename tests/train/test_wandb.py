@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmctl.config import load_config
-from llmctl.train.checkpoint import load_training_state
+from llmctl.runtime.checkpoint import load_training_state
 from llmctl.train.trainer import Trainer
 
 _BLOCK = 32 * 1024

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import LlmctlError
+from ..core.errors import LlmctlError
 
 if TYPE_CHECKING:
     import torch
 
-    from .inference import LoadedCheckpoint
+    from .load import LoadedCheckpoint
 
 SPLITS = ("train", "val")
 
@@ -106,7 +106,7 @@ def full_split_loss(model: torch.nn.Module, tokens: Any, block_size: int, batch_
     first is predicted exactly once and weighs the same (a short last window counts for its
     own tokens only). `tokens` is any 1-D integer array (a split's memmap, encoded text).
     """
-    from .data.loader import SequentialBatches
+    from ..data.loader import SequentialBatches
 
     if len(tokens) < 2:
         raise LlmctlError(f"{name} has {len(tokens)} token(s); need at least 2 to evaluate")
@@ -153,7 +153,7 @@ class EvalRequest:
 
     def check(self) -> None:
         if self.split not in SPLITS:
-            from .errors import one_of
+            from ..core.errors import one_of
 
             raise LlmctlError(f"--split: {one_of(self.split, SPLITS)}")
         if self.text_file is not None:
@@ -235,7 +235,7 @@ def _trained_world_size(folder: Path) -> int:
     """Data-parallel processes the checkpoint was trained with (1 when not recorded)."""
     import json
 
-    from .train.checkpoint import TRAINER_STATE
+    from ..runtime.checkpoint import TRAINER_STATE
 
     try:
         value = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))["world_size"]
@@ -245,7 +245,7 @@ def _trained_world_size(folder: Path) -> int:
 
 
 def _read_text(path: str) -> str:
-    from .inference import read_text_file
+    from .load import read_text_file
 
     text = read_text_file(path, "text file")
     if not text:
@@ -255,8 +255,8 @@ def _read_text(path: str) -> str:
 
 def _open_dataset(loaded: LoadedCheckpoint, name: str, data_dir: str) -> Any:
     """The prepared dataset, refused unless it was tokenized as the checkpoint was trained."""
-    from .data.loader import PreparedDataset
-    from .data.tokenizers import describe_spec
+    from ..data.loader import PreparedDataset
+    from ..data.tokenizers import describe_spec
 
     dataset = PreparedDataset.open(data_dir, name)
     ours = loaded.info.tokenizer or {}

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config.schema import DTYPES
-from .errors import LlmctlError, one_of
+from ..config.schema import DTYPES
+from ..core.errors import LlmctlError, one_of
 
 if TYPE_CHECKING:
     import torch
 
-    from .train.checkpoint import CheckpointInfo
-    from .train.precision import Precision
+    from ..runtime.checkpoint import CheckpointInfo
+    from ..runtime.device import Precision
 
 
 
@@ -37,8 +37,8 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
 def precision_for(device: str = "auto", dtype: str = "auto") -> Precision:
     """The trainer's device choice (auto = cuda > mps > cpu) and autocast dtype, with a clear
     error for a device or dtype name that is not one."""
-    from .config.validate import DEVICE
-    from .train.precision import Precision
+    from ..config.validate import DEVICE
+    from ..runtime.device import Precision
 
     if dtype not in DTYPES:
         raise LlmctlError(f"--dtype: {one_of(dtype, DTYPES)}")
@@ -66,8 +66,8 @@ class LoadedCheckpoint:
 def load_checkpoint(path: str | os.PathLike, device: str = "auto",
                     dtype: str = "auto") -> LoadedCheckpoint:
     """Model (eval mode) and tokenizer of a checkpoint or run folder, refusing mismatches."""
-    from .data.tokenizers import tokenizer_from_spec
-    from .train.checkpoint import CheckpointError, load_model, read_checkpoint
+    from ..data.tokenizers import tokenizer_from_spec
+    from ..runtime.checkpoint import CheckpointError, load_model, read_checkpoint
 
     precision = precision_for(device, dtype)
     info = read_checkpoint(path)

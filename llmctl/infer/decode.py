@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import LlmctlError
+from ..core.errors import LlmctlError
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

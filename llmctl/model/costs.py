@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .config.schema import BlockConfig, LLMConfig, TrainConfig
-from .model import LLM
-from .model.mlp import is_gated
+from ..config.schema import BlockConfig, LLMConfig, TrainConfig
+from . import LLM
+from .mlp import is_gated
 
 FLOPS_FORMULA = ("6 * (active non-embedding params + vocab_size * n_embd) + sum over layers "
                  "of 6 * n_head * block_size * (d_qk + d_v)")

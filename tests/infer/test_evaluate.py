@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from llmctl.config import load_config
 from llmctl.data.loader import RandomBatchSampler
-from llmctl.errors import LlmctlError
-from llmctl.evaluate import estimate_loss, full_split_loss
+from llmctl.core.errors import LlmctlError
+from llmctl.infer.evaluate import estimate_loss, full_split_loss
 from llmctl.model import LLM
 
 VOCAB, BLOCK = 37, 8

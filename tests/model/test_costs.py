@@ -7,7 +7,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from llmctl.config import load_config
-from llmctl.inspect import build_meta_model, inspect_model, training_flops_per_token
+from llmctl.model.costs import build_meta_model, inspect_model, training_flops_per_token
 from llmctl.model import LLM
 
 BASE = dict(n_layer=2, n_embd=64, n_head=4, n_kv_heads=2, vocab_size=100, block_size=64,

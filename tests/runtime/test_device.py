@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl.errors import LlmctlError
-from llmctl.train.precision import Precision, resolve_device, resolve_dtype
+from llmctl.core.errors import LlmctlError
+from llmctl.runtime.device import Precision, resolve_device, resolve_dtype
 
 
 def test_cpu_defaults_to_fp32_without_scaler():

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 
 
 @dataclass(frozen=True)

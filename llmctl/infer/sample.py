@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import LlmctlError
+from ..core.errors import LlmctlError
 
 if TYPE_CHECKING:
-    from .inference import LoadedCheckpoint
+    from .load import LoadedCheckpoint
 
 # A token that ends mid-character decodes to U+FFFD until the rest of its bytes arrive;
 # past this many held-back tokens the bytes are genuinely invalid and are emitted as they are.
@@ -30,7 +30,7 @@ class SampleSettings:
     stop_at_eot: bool = True
 
     def check(self) -> None:
-        from .generate import check_sampling
+        from .decode import check_sampling
 
         if self.max_new_tokens < 0:
             raise LlmctlError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
@@ -110,7 +110,7 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
     """
     import torch
 
-    from .generate import stream_tokens
+    from .decode import stream_tokens
 
     settings.check()
     if settings.seed is None:
@@ -168,7 +168,7 @@ def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:
             raise LlmctlError(f"the prompt on stdin is not UTF-8 text: {err}") from None
         where = "stdin"
     else:
-        from .inference import read_text_file
+        from .load import read_text_file
 
         text = read_text_file(prompt_file, "prompt file")
         where = f"prompt file {prompt_file}"

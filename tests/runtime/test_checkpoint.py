@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llmctl.config import load_config
-from llmctl.train.checkpoint import (
+from llmctl.runtime.checkpoint import (
     CheckpointError,
     load_training_state,
     load_weights,
@@ -134,7 +134,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, run):
         import resource, signal, sys, torch
         sys.path.insert(0, {os.getcwd()!r})
         from llmctl.config import load_config
-        from llmctl.train.checkpoint import save_checkpoint, CheckpointError
+        from llmctl.runtime.checkpoint import save_checkpoint, CheckpointError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         run = load_config({{"n_layer": 2, "n_embd": 8, "n_head": 2, "block_size": 16,
                            "vocab_size": 11, "total_batch_size": 32}})

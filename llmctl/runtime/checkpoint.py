@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..config import ConfigError, RunConfig, load_config
-from ..errors import LlmctlError
+from ..core.errors import LlmctlError
 
 if TYPE_CHECKING:
     import torch

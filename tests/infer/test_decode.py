@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmctl.config import load_config
-from llmctl.errors import LlmctlError
-from llmctl.generate import (
+from llmctl.core.errors import LlmctlError
+from llmctl.infer.decode import (
     generate,
     next_token_probs,
     stream_tokens,
