@@ -91,8 +91,8 @@ def main() -> None:
     import torch
 
     from llmctl.config import load_config
-    from llmctl.model.costs import training_flops_per_token
     from llmctl.model import LLM
+    from llmctl.model.costs import training_flops_per_token
 
     C, H = args.n_embd, args.n_head
     dense_up = 4 * C
@@ -120,10 +120,8 @@ def main() -> None:
     for name, extra in configs.items():
         run = load_config(overrides={**base, **extra}, check_batch_split=False)
         flops[name] = training_flops_per_token(run.model)
-        model = LLM(run.model)
-        for layer in model.moe_layers:
-            layer.experts.dispatch = "grouped_mm" if name.endswith("grouped_mm") else "loop"
-        models[name] = model
+        dispatch = "grouped_mm" if name.endswith("grouped_mm") else "loop"
+        models[name] = LLM(run.model, moe_dispatch=dispatch)
     flops["nanogpt_reference"] = flops["a_dense_gpt2"]  # the same architecture
     models["nanogpt_reference"] = nanogpt_reference(args.n_layer, C, H, args.vocab_size,
                                                     args.block_size, dense_up)

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from llmctl.data.prepare import PrepareOptions, prepare_dataset  # noqa: E402
-from llmctl.data.sources import text_file_pieces  # noqa: E402
+from llmctl.data.sources.text import text_file_pieces  # noqa: E402
 from llmctl.data.tokenizers import create_tokenizer  # noqa: E402
 
 # The offline corpus / rank file folder the tests use, when set (as .ci/run does).

@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from ..config.summary import consecutive_groups
+from ..core.units import human_bytes, human_count
 from ._common import user_errors
 from .options import with_config_options
 
@@ -33,29 +35,17 @@ def inspect_params(
     """Total and active parameters, training FLOPs per token, KV-cache size and memory."""
     from ..config import load_config
     from ..model.costs import inspect_model
+    from ..runtime.device import activation_bytes
 
     with user_errors():
         sources = [_source(p) for p in [*(files or []), *config_files]]
         run = load_config(*sources, overrides=overrides, check_batch_split=False)
-        report = inspect_model(run.model, run.train)
+        report = inspect_model(run.model, run.train, activation_bytes=activation_bytes(
+            run.train.device, run.train.dtype))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_report(report)
-
-
-def _human(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:g}"
-
-
-def _bytes(n: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -74,26 +64,29 @@ def _print_report(report: dict[str, Any]) -> None:
                        ("embedding (tied with the LM head)", "embedding"),
                        ("non-embedding", "non_embedding"),
                        ("active non-embedding", "active_non_embedding")):
-        summary.add_row(label, f"{p[key]:,} ({_human(p[key])})")
+        summary.add_row(label, f"{p[key]:,} ({human_count(p[key], 2)})")
     console.print(summary)
 
     layers = Table(title="per layer", title_justify="left")
     for column in ("layer", "attn", "attention", "ffn", "ffn active", "norms", "total",
                    "KV B/token"):
         layers.add_column(column, justify="right" if column not in ("attn",) else "left")
-    for row in _grouped_layers(report["layers"]):
-        layers.add_row(row["span"], row["attn"], _human(row["attention"]),
-                       f"{row['ffn_kind']} {_human(row['ffn'])}", _human(row["ffn_active"]),
-                       _human(row["norms"]), _human(row["total"]),
-                       str(row["kv_cache_bytes_per_token"]))
+    for group in consecutive_groups(report["layers"], key=lambda layer: {
+            k: v for k, v in layer.items() if k != "index"}):
+        row = group.item
+        layers.add_row(group.span, row["attn"], human_count(row["attention"], 2),
+                       f"{row['ffn_kind']} {human_count(row['ffn'], 2)}",
+                       human_count(row["ffn_active"], 2), human_count(row["norms"], 2),
+                       human_count(row["total"], 2), str(row["kv_cache_bytes_per_token"]))
     console.print(layers)
 
     kv, flops = report["kv_cache"], report["flops"]
-    console.print(f"training FLOPs per token: {_human(flops['training_per_token'])} "
+    console.print(f"training FLOPs per token: {human_count(flops['training_per_token'], 2)} "
                   f"= {flops['formula']}")
     console.print(f"KV cache ({kv['bytes_per_number']} bytes/number): "
-                  f"{_bytes(kv['bytes_per_token'])} per token, "
-                  f"{_bytes(kv['bytes_full_context'])} for a full {kv['context']}-token context")
+                  f"{human_bytes(kv['bytes_per_token'])} per token, "
+                  f"{human_bytes(kv['bytes_full_context'])} for a full {kv['context']}-token "
+                  "context")
     mem = report.get("memory")
     if mem:
         precision = ("fp32" if mem["activation_bytes_per_number"] == 4
@@ -107,17 +100,5 @@ def _print_report(report: dict[str, Any]) -> None:
                            ("AdamW states", "adamw_states"), ("activations", "activations"),
                            ("activations with act_recomp", "activations_act_recomp"),
                            ("total", "total"), ("total with act_recomp", "total_act_recomp")):
-            table.add_row(label, _bytes(mem[key]))
+            table.add_row(label, human_bytes(mem[key]))
         console.print(table)
-
-
-def _grouped_layers(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consecutive identical layers merged into one row."""
-    rows: list[dict[str, Any]] = []
-    for layer in layers:
-        same = {k: v for k, v in layer.items() if k != "index"}
-        if rows and {k: v for k, v in rows[-1].items() if k not in ("span", "first")} == same:
-            rows[-1]["span"] = f"{rows[-1]['first']}-{layer['index']}"
-            continue
-        rows.append({**same, "span": str(layer["index"]), "first": layer["index"]})
-    return rows

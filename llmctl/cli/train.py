@@ -30,8 +30,12 @@ def train(
     rank = os.environ.get("RANK", "0").strip() or "0"  # torchrun sets it per worker
     try:
         if nproc and nproc > 1:
-            raise typer.Exit(_launch(nproc, config_files, overrides))
-        run = _resolve_config(config_files, overrides)
+            from ..train.launch import launch_training
+
+            raise typer.Exit(launch_training(nproc, config_files, overrides))
+        from ..train.resume import resolve_run_config
+
+        run = resolve_run_config(config_files, overrides)
         from ..train.trainer import train as run_training
 
         result = run_training(run)
@@ -50,35 +54,3 @@ def train(
     if result.best_val is not None:
         parts.append(f"best val {result.best_val:.4f}")
     typer.echo(", ".join(parts) + f"; run folder {result.run_dir}")
-
-
-def _resolve_config(config_files: list[Path], overrides: dict[str, Any],
-                    world_size: int | None = None) -> Any:
-    """The run's config. `--resume CKPT` without a config file continues with the
-    checkpoint's own config; flags given now override it (the trainer refuses changes to the
-    architecture with the list of differences)."""
-    from ..config import load_config
-    from ..train.run_folder import read_resume_checkpoint, resume_target, run_dir
-
-    if overrides.get("resume") and not config_files:
-        probe = load_config(overrides=overrides, check_batch_split=False)
-        ckpt = resume_target(probe.train.resume, run_dir(probe))
-        if ckpt is not None:
-            info = read_resume_checkpoint(ckpt)
-            return load_config(info.raw["config"], overrides=overrides, world_size=world_size)
-    return load_config(*config_files, overrides=overrides, world_size=world_size)
-
-
-def _launch(nproc: int, config_files: list[Path], overrides: dict[str, Any]) -> int:
-    from ..runtime.distributed import launch
-
-    _resolve_config(config_files, overrides, world_size=nproc)  # fail before spawning
-    args: list[str] = []
-    for path in config_files:
-        args += ["--config", str(path)]
-    for key, value in overrides.items():
-        if isinstance(value, bool):
-            args.append(f"--{key}" if value else f"--no-{key}")
-        else:
-            args += [f"--{key}", str(value)]
-    return launch(nproc, args)

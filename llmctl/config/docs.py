@@ -11,6 +11,7 @@ import sys
 import typing
 from pathlib import Path
 
+from ..core.files import write_text_atomic
 from .coerce import field_types
 from .schema import BlockConfig, LLMConfig, TrainConfig
 
@@ -74,10 +75,7 @@ def replace_block(text: str) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) == 2 and argv[0] == "--write":
         path = Path(argv[1])
-        new = replace_block(path.read_text(encoding="utf-8"))
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(new, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, replace_block(path.read_text(encoding="utf-8")))
     else:
         sys.stdout.write(parameter_table())
 

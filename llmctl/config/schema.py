@@ -7,6 +7,7 @@ Every field carries `metadata["help"]` (shown by the CLI and the README's parame
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,8 @@ NON_LINEARITIES = (
 )
 GATED_NON_LINEARITIES = ("glu", "swiglu", "geglu", "reglu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DATASETS = ("shakespeare", "tinystories", "wikitext", "fineweb")
+DEVICE_NAMES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 def _f(default: Any = None, *, help: str, panel: str, factory: Any = None) -> Any:
@@ -83,8 +85,9 @@ class BlockConfig:
         return (self.n_act or 0) - (self.n_shared or 0) if self.moe else 0
 
     @property
-    def gated(self) -> bool:
-        return self.non_linearity in GATED_NON_LINEARITIES
+    def ffn_kind(self) -> str:
+        """The feed-forward kind of this layer: "moe" or "mlp"."""
+        return "moe" if self.moe else "mlp"
 
 
 @dataclass

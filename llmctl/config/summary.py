@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from .schema import BlockConfig, RunConfig
 
@@ -25,26 +27,41 @@ def ffn_label(b: BlockConfig) -> str:
             f"{b.non_linearity} {b.up_dim}, {balance}")
 
 
+T = TypeVar("T")
+
+
 @dataclass
-class LayerGroup:
+class Group(Generic[T]):
+    """Consecutive equal items `first..last` (inclusive), shown once."""
+
     first: int
     last: int
-    block: BlockConfig
+    item: T
 
     @property
     def span(self) -> str:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
+    @property
+    def block(self) -> T:
+        return self.item
 
-def layer_groups(run: RunConfig) -> list[LayerGroup]:
-    """Consecutive equal layers merged, so a homogeneous model is one row."""
-    groups: list[LayerGroup] = []
-    for i, layer in enumerate(run.model.layers):
-        if groups and groups[-1].block == layer:
+
+def consecutive_groups(items: Sequence[T], key: Callable[[T], Any] = lambda item: item
+                       ) -> list[Group[T]]:
+    """Runs of consecutive items with equal `key` merged, so a homogeneous model is one row."""
+    groups: list[Group[T]] = []
+    for i, item in enumerate(items):
+        if groups and key(groups[-1].item) == key(item):
             groups[-1].last = i
         else:
-            groups.append(LayerGroup(i, i, layer))
+            groups.append(Group(i, i, item))
     return groups
+
+
+def layer_groups(run: RunConfig) -> list[Group[BlockConfig]]:
+    """The model's layers, consecutive equal ones merged."""
+    return consecutive_groups(run.model.layers)
 
 
 def training_summary(run: RunConfig, world_size: int = 1) -> dict[str, object]:

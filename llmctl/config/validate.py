@@ -7,6 +7,8 @@ import re
 from ..core.errors import Problem, one_of
 from .schema import (
     ATTN_KINDS,
+    DEVICE_CHOICES,
+    DEVICE_NAMES,
     DTYPES,
     NON_LINEARITIES,
     NORMS,
@@ -21,7 +23,6 @@ MAX_LAYERS = 10_000
 MAX_VOCAB = 2**31 - 1
 MAX_EXPERTS = 4096
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class _Checker:
@@ -164,8 +165,8 @@ def _check_train(check: _Checker, run: RunConfig, world_size: int | None) -> Non
         check.add("train.peak_flops", f"must be > 0, got {t.peak_flops}")
     if t.dtype not in DTYPES:
         check.add("train.dtype", one_of(t.dtype, DTYPES))
-    if not DEVICE.match(t.device):
-        check.add("train.device", f"{t.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if not DEVICE_NAMES.match(t.device):
+        check.add("train.device", f"{t.device!r} is not one of {DEVICE_CHOICES}")
     for name in ("dataset", "file_name"):
         value = getattr(t, name)
         if not SAFE_NAME.match(value):

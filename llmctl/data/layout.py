@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
-from ..config.schema import DATASETS
 from ..core.errors import LlmctlError
+from .registry import DATASETS
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -93,29 +91,6 @@ def _meta_problems(meta: Any) -> list[str]:
             elif Path(entry["file"]).name != entry["file"]:
                 problems.append(f"splits.{split}.file must be a plain file name")
     return problems
-
-
-def _temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path` (created like any file: umask applies),
-    flush it to disk, then rename it into place."""
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:

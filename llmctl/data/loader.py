@@ -23,7 +23,6 @@ from ..core.errors import LlmctlError
 from . import layout
 from .tokenizers import Tokenizer, tokenizer_files, tokenizer_from_spec
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import LlmctlError
-from .sources import PIECE_CHARS, Piece
+from .sources.base import PIECE_CHARS, Piece
 from .tokenizers import Tokenizer, tokenizer_from_spec
 
 

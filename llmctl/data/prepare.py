@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,13 +22,16 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..config.schema import DATASETS
 from ..core.errors import LlmctlError, one_of
+from ..core.files import swap_folder, write_json_atomic
 from . import layout
-from .hub import HUB_DATASETS, hub_plan
 from .pipeline import SplitWriter, TokenizerPool, batch_pieces
 from .progress import Progress
-from .sources import SourcePlan, is_url, local_plan, remove_tree, url_plan
+from .registry import DATASETS, HUB_DATASETS
+from .sources.base import SourcePlan
+from .sources.hub import hub_plan
+from .sources.text import local_plan
+from .sources.url import is_url, url_plan
 from .tokenizers import TIKTOKEN_FILE_ENV, CharTokenizer, Tokenizer, create_tokenizer
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -85,7 +89,8 @@ def prepare_dataset(opts: PrepareOptions) -> PrepareResult:
     final = data_dir / name
     with _lock(data_dir, name):
         for stale in [*data_dir.glob(f".{name}.partial-*"), *data_dir.glob(f".{name}.old-*")]:
-            remove_tree(stale)  # left by a killed run; the lock says none is running
+            # left by a killed run; the lock says none is running
+            shutil.rmtree(stale, ignore_errors=True)
         existing = _existing(final, fingerprint, opts.force)
         if existing is not None:
             return PrepareResult(final, existing, True, time.perf_counter() - start)
@@ -95,7 +100,7 @@ def prepare_dataset(opts: PrepareOptions) -> PrepareResult:
             meta = _build(opts, name, data_dir, partial, fingerprint, start)
             _install(partial, final)
         except BaseException:
-            remove_tree(partial)
+            shutil.rmtree(partial, ignore_errors=True)
             raise
     return PrepareResult(final, meta, False, time.perf_counter() - start)
 
@@ -218,13 +223,9 @@ def _existing(final: Path, fingerprint: dict[str, Any], force: bool) -> dict[str
 
 def _install(partial: Path, final: Path) -> None:
     """Swap the finished partial folder into place (the old dataset goes only after)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(partial, final)
-        remove_tree(old)
-    else:
-        os.rename(partial, final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    swap_folder(partial, final, old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- building
@@ -304,7 +305,7 @@ def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
         "seconds": round(time.perf_counter() - start, 3),
         "llmctl_version": __version__,
     }
-    layout.write_json_atomic(partial / layout.META_FILE, meta)  # last: the dataset is whole
+    write_json_atomic(partial / layout.META_FILE, meta)  # last: the dataset is whole
     return meta
 
 

@@ -6,16 +6,11 @@ import sys
 import time
 from typing import Any, TextIO
 
+from ..core.units import human_count
+
 _PLAIN_EVERY_S = 10.0
 _RICH_EVERY_S = 0.1
 _SCALE = 10_000  # the bar's resolution when the size is known
-
-
-def human(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 class Progress:
@@ -92,7 +87,8 @@ class Progress:
                 return
             self._last_plain = now
             fraction = self.fraction
-            self._rich.update(self._task, tokens=human(self.tokens), rate=human(self.rate),
+            self._rich.update(self._task, tokens=human_count(self.tokens, 2, 'G'),
+                              rate=human_count(self.rate, 2, 'G'),
                               completed=fraction * _SCALE if fraction is not None else None)
             self._rich.refresh()
         elif time.perf_counter() - self._last_plain >= _PLAIN_EVERY_S:
@@ -105,14 +101,16 @@ class Progress:
         eta = ""
         if fraction and not final and fraction < 1:
             eta = f" ETA {self.elapsed * (1 - fraction) / fraction:.0f}s"
-        print(f"{self.label}:{done} {self.tokens:,} tokens, {human(self.rate)} tok/s, "
+        rate = human_count(self.rate, 2, "G")
+        print(f"{self.label}:{done} {self.tokens:,} tokens, {rate} tok/s, "
               f"{self.elapsed:.1f}s{eta}{' done' if final else ''}", file=self.stream,
               flush=True)
 
     def __exit__(self, *exc: object) -> None:
         if self._rich is not None:
             fraction = 1.0 if exc[0] is None and self.fraction is not None else self.fraction
-            self._rich.update(self._task, tokens=human(self.tokens), rate=human(self.rate),
+            self._rich.update(self._task, tokens=human_count(self.tokens, 2, 'G'),
+                              rate=human_count(self.rate, 2, 'G'),
                               completed=fraction * _SCALE if fraction is not None else None)
             self._rich.refresh()
             self._rich.stop()

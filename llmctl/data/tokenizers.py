@@ -196,7 +196,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def save_files(self, folder: Path) -> None:
         if self.rank_bytes is not None and "file" in self.spec:
-            from .layout import write_bytes_atomic
+            from ..core.files import write_bytes_atomic
 
             write_bytes_atomic(folder / self.spec["file"], self.rank_bytes)
 
@@ -407,3 +407,17 @@ def _tiktoken_from_spec(spec: dict[str, Any], folder: Path | None) -> Tokenizer:
     raise LlmctlError(f"tokenizer rank file {where} is missing; copy the dataset's or "
                       f"checkpoint's {rel} there, or set {TIKTOKEN_FILE_ENV} to a rank file "
                       f"with sha256 {spec['sha256'][:12]}...")
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two tokenizer specs give the same token ids (file locations do not matter)."""
+    if a.get("kind") != b.get("kind"):
+        return False
+    if a.get("kind") == "char":
+        return a.get("chars") == b.get("chars")
+    if a.get("kind") == "tiktoken":
+        if a.get("sha256") and b.get("sha256"):
+            keys = ("sha256", "pat_str", "special_tokens")
+            return all(a.get(k) == b.get(k) for k in keys)
+        return a.get("name") == b.get("name")
+    return True  # byte

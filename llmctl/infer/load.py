@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config.schema import DTYPES
-from ..core.errors import LlmctlError, one_of
+from ..core.errors import LlmctlError
 
 if TYPE_CHECKING:
     import torch
@@ -34,19 +33,6 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
         raise LlmctlError(f"cannot read {what} {file}: {err.strerror or err}") from None
 
 
-def precision_for(device: str = "auto", dtype: str = "auto") -> Precision:
-    """The trainer's device choice (auto = cuda > mps > cpu) and autocast dtype, with a clear
-    error for a device or dtype name that is not one."""
-    from ..config.validate import DEVICE
-    from ..runtime.device import Precision
-
-    if dtype not in DTYPES:
-        raise LlmctlError(f"--dtype: {one_of(dtype, DTYPES)}")
-    if not DEVICE.match(device):  # the same devices `train` accepts
-        raise LlmctlError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    return Precision.from_names(device, dtype)
-
-
 @dataclass
 class LoadedCheckpoint:
     model: torch.nn.Module  # in eval mode, on precision.device
@@ -68,6 +54,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "auto",
     """Model (eval mode) and tokenizer of a checkpoint or run folder, refusing mismatches."""
     from ..data.tokenizers import tokenizer_from_spec
     from ..runtime.checkpoint import CheckpointError, load_model, read_checkpoint
+    from ..runtime.device import precision_for
 
     precision = precision_for(device, dtype)
     info = read_checkpoint(path)

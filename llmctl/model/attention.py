@@ -16,8 +16,10 @@ from .sdpa import causal_attention
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with `kv_heads` key/value heads: mha (= n_head), mqa (1), gqa."""
 
-    def __init__(self, block: BlockConfig, n_embd: int, dropout: float, rope: bool):
+    def __init__(self, block: BlockConfig, *, n_embd: int, dropout: float, pos_emb: str,
+                 norm: str):
         super().__init__()
+        rope = pos_emb == "rope"
         self.n_head = block.n_head
         self.n_kv_heads = block.kv_heads
         self.head_dim = n_embd // block.n_head
@@ -57,12 +59,10 @@ ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
 
 def build_attention(block: BlockConfig, *, n_embd: int, dropout: float, pos_emb: str,
                     norm: str) -> nn.Module:
-    """The attention module for one block (MLA also needs `norm` for its latent norms)."""
-    if block.attn not in ATTENTION_CLASSES:
+    """The attention module for one block, by its kind (every class takes the same
+    arguments; MLA uses `norm` for its latent norms)."""
+    cls = ATTENTION_CLASSES.get(block.attn)
+    if cls is None:
         raise ValueError(f"unknown attention kind {block.attn!r} "
                          f"(expected one of {', '.join(ATTENTION_CLASSES)})")
-    rope = pos_emb == "rope"
-    if block.attn == "mla":
-        return MultiHeadLatentAttention(block, n_embd=n_embd, dropout=dropout, rope=rope,
-                                        norm=norm)
-    return CausalSelfAttention(block, n_embd=n_embd, dropout=dropout, rope=rope)
+    return cls(block, n_embd=n_embd, dropout=dropout, pos_emb=pos_emb, norm=norm)

@@ -1,14 +1,17 @@
 """The key/value cache used for prefill and decoding.
 
-Each layer owns a `LayerCache`: a few tensors preallocated to `capacity` (the model's
-block_size) along dim -2, the time axis, so that a decoding step writes one row instead of
-re-concatenating the whole history. What a layer stores is up to its attention kind:
+Each layer owns a `LayerCache`: a few tensors along dim -2, the time axis, that grow by
+doubling up to `capacity` (the model's block_size), so that a decoding step writes one row
+instead of re-concatenating the whole history, and a short prompt does not allocate a
+block_size cache. What a layer stores is up to its attention kind:
 mha/mqa/gqa keep K and V per KV head, MLA keeps one latent (+ the shared RoPE key) per token.
 """
 
 from __future__ import annotations
 
 import torch
+
+_MIN_ROWS = 64  # the first allocation holds at least this many tokens
 
 
 class LayerCache:
@@ -26,25 +29,40 @@ class LayerCache:
         if end > self.capacity:
             raise ValueError(f"KV cache overflow: {self.length} cached + {steps} new tokens > "
                              f"capacity {self.capacity} (crop the context to block_size)")
-        if not self.buffers:
-            self.buffers = [x.new_empty((*x.shape[:-2], self.capacity, x.shape[-1]))
-                            for x in new]
+        if not self.buffers or end > self.allocated:
+            self._grow(new, end)
         for buffer, x in zip(self.buffers, new, strict=True):
             buffer[..., self.length:end, :] = x
         self.length = end
         return tuple(buffer[..., :end, :] for buffer in self.buffers)
 
     @property
+    def allocated(self) -> int:
+        """Tokens the buffers have room for now (0 before the first append)."""
+        return self.buffers[0].shape[-2] if self.buffers else 0
+
+    def _grow(self, new: tuple[torch.Tensor, ...], end: int) -> None:
+        size = min(self.capacity, max(end, 2 * self.allocated, _MIN_ROWS))
+        grown = [x.new_empty((*x.shape[:-2], size, x.shape[-1])) for x in new]
+        for old, buffer in zip(self.buffers, grown, strict=False):
+            buffer[..., :self.length, :] = old[..., :self.length, :]
+        self.buffers = grown
+
+    @property
     def numbers_per_token(self) -> int:
         """Cached numbers per token per sequence (e.g. 2 * kv_heads * head_dim for gqa)."""
-        total = 0
-        for buffer in self.buffers:
-            total += buffer.numel() // (buffer.shape[0] * self.capacity)
-        return total
+        return sum(b.numel() // (b.shape[0] * b.shape[-2]) for b in self.buffers)
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated now."""
         return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    @property
+    def capacity_nbytes(self) -> int:
+        """Bytes once the cache holds `capacity` tokens."""
+        return sum(b.numel() // b.shape[-2] * self.capacity * b.element_size()
+                   for b in self.buffers)
 
 
 class KVCache:
@@ -61,3 +79,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return sum(layer.capacity_nbytes for layer in self.layers)

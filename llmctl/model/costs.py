@@ -20,6 +20,9 @@ Formulas (per token, T = block_size, C = n_embd, V = vocab_size):
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 from typing import Any
 
 import torch
@@ -36,6 +39,25 @@ def build_meta_model(cfg: LLMConfig) -> LLM:
     """The real module tree with no storage behind its tensors."""
     with torch.device("meta"):
         return LLM(cfg)
+
+
+def parameter_counts(cfg: LLMConfig) -> dict[str, Any]:
+    """Parameter counts of the real module tree: total, embedding, final norm and each
+    layer's. Counted once per distinct config (the trainer's MFU, inspect-params and the
+    benchmarks ask again and again), on the meta device."""
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    if key not in _COUNTS:
+        model = build_meta_model(cfg)
+        total = model.num_params()
+        if len(_COUNTS) >= 64:
+            _COUNTS.pop(next(iter(_COUNTS)))
+        _COUNTS[key] = {"total": total, "final_norm": _numel(model.norm_f),
+                        "embedding": total - model.num_params(exclude_embeddings=True),
+                        "layers": [_layer_params(block) for block in model.blocks]}
+    return copy.deepcopy(_COUNTS[key])
+
+
+_COUNTS: dict[str, dict[str, Any]] = {}  # config JSON -> counts
 
 
 def _numel(module: torch.nn.Module | None) -> int:
@@ -129,21 +151,10 @@ def _ffn_activations(block: BlockConfig, C: int) -> int:
     return n
 
 
-def _trains_in_fp32(train: TrainConfig) -> bool:
-    """The trainer's choice: autocast (2-byte activations) on a GPU or when asked, fp32 on
-    CPU. device=auto resolves as on this machine; plan a GPU run with --device cuda."""
-    if train.dtype != "auto":
-        return train.dtype == "float32"
-    if train.device == "auto":
-        import torch
-
-        return not torch.cuda.is_available()
-    return train.device == "cpu"
-
-
-def memory_estimate(cfg: LLMConfig, train: TrainConfig, n_params: int) -> dict[str, Any]:
-    """Bytes for weights, grads, AdamW states and activations (with / without act_recomp)."""
-    act_bytes = 4 if _trains_in_fp32(train) else 2
+def memory_estimate(cfg: LLMConfig, train: TrainConfig, n_params: int,
+                    act_bytes: int = 4) -> dict[str, Any]:
+    """Bytes for weights, grads, AdamW states and activations (with / without act_recomp);
+    `act_bytes` per activation number (runtime.device.activation_bytes gives the trainer's)."""
     tokens = train.batch_size * cfg.block_size
     per_layer = [_block_activations(b, cfg) for b in cfg.layers]
     # embeddings out, final norm in / out, the fp32 log-probabilities of the cross-entropy
@@ -164,23 +175,20 @@ def memory_estimate(cfg: LLMConfig, train: TrainConfig, n_params: int) -> dict[s
 
 
 def inspect_model(cfg: LLMConfig, train: TrainConfig | None = None,
-                  kv_bytes_per_number: int = 2) -> dict[str, Any]:
+                  kv_bytes_per_number: int = 2, activation_bytes: int = 4) -> dict[str, Any]:
     """The full, JSON-able report for a model config (memory only when `train` is given).
 
     KV-cache bytes assume `kv_bytes_per_number` bytes per cached number (2: bf16 / fp16).
     """
-    model = build_meta_model(cfg)
+    counts = parameter_counts(cfg)
     layers = []
-    for i, (block_cfg, block) in enumerate(zip(cfg.layers, model.blocks, strict=True)):
-        entry = {"index": i, "attn": block_cfg.attn, "ffn_kind": "moe" if block_cfg.moe
-                 else "mlp", **_layer_params(block)}
+    for i, (block_cfg, params) in enumerate(zip(cfg.layers, counts["layers"], strict=True)):
+        entry = {"index": i, "attn": block_cfg.attn, "ffn_kind": block_cfg.ffn_kind, **params}
         numbers = kv_numbers_per_token(block_cfg, cfg)
         entry["kv_cache_numbers_per_token"] = numbers
         entry["kv_cache_bytes_per_token"] = numbers * kv_bytes_per_number
         layers.append(entry)
-    total = model.num_params()
-    embedding = total - model.num_params(exclude_embeddings=True)
-    final_norm = _numel(model.norm_f)
+    total, embedding, final_norm = counts["total"], counts["embedding"], counts["final_norm"]
     non_embedding = total - embedding
     active_non_embedding = final_norm + sum(layer["active"] for layer in layers)
     kv_per_token = sum(layer["kv_cache_bytes_per_token"] for layer in layers)
@@ -206,5 +214,5 @@ def inspect_model(cfg: LLMConfig, train: TrainConfig | None = None,
         },
     }
     if train is not None:
-        report["memory"] = memory_estimate(cfg, train, total)
+        report["memory"] = memory_estimate(cfg, train, total, activation_bytes)
     return report

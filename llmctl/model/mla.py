@@ -29,8 +29,10 @@ from .sdpa import causal_attention
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, block: BlockConfig, n_embd: int, dropout: float, rope: bool, norm: str):
+    def __init__(self, block: BlockConfig, *, n_embd: int, dropout: float, pos_emb: str,
+                 norm: str):
         super().__init__()
+        rope = pos_emb == "rope"
         if block.q_latent_dim is None or block.kv_latent_dim is None:
             raise ValueError("mla needs q_latent_dim and kv_latent_dim")
         if rope and not block.rope_head_dim:

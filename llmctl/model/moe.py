@@ -95,10 +95,14 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
 class RoutedExperts(nn.Module):
     """`n` MLP experts with stacked weights, run on tokens sorted by expert."""
 
-    def __init__(self, n: int, n_embd: int, hidden: int, non_linearity: str):
+    def __init__(self, n: int, n_embd: int, hidden: int, non_linearity: str,
+                 dispatch: str = "auto"):
         super().__init__()
+        if dispatch not in DISPATCH_METHODS:
+            raise ValueError(f"unknown dispatch {dispatch!r} (expected one of "
+                             f"{DISPATCH_METHODS})")
         self.non_linearity = non_linearity
-        self.dispatch = "auto"  # see grouped_matmul
+        self.dispatch = dispatch  # see grouped_matmul
         self.w_up = nn.Parameter(torch.empty(n, n_embd, up_features(hidden, non_linearity)))
         self.w_down = nn.Parameter(torch.empty(n, hidden, n_embd))
         self.w_down.residual_out = True  # GPT-2 scaled init
@@ -116,7 +120,7 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, block: BlockConfig, n_embd: int, dropout: float):
+    def __init__(self, block: BlockConfig, n_embd: int, dropout: float, dispatch: str = "auto"):
         super().__init__()
         if block.n_exp is None or block.n_shared is None or block.n_act is None:
             raise ValueError("moe needs n_exp, n_shared and n_act")
@@ -127,7 +131,8 @@ class MoE(nn.Module):
         self.alpha = block.alpha or 0.0
         self.gamma = block.gamma or 0.0
         self.router = nn.Linear(n_embd, self.n_routed, bias=False)
-        self.experts = RoutedExperts(self.n_routed, n_embd, block.up_dim, block.non_linearity)
+        self.experts = RoutedExperts(self.n_routed, n_embd, block.up_dim, block.non_linearity,
+                                     dispatch)
         self.shared = (MLP(n_embd, block.n_shared * block.up_dim, block.non_linearity)
                        if block.n_shared else None)
         if self.aux_free:  # persistent: saved in checkpoints so a resume routes identically

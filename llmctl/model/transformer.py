@@ -28,18 +28,35 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None  # cross-entropy alone
 
 
+def _mlp(block: BlockConfig, *, n_embd: int, dropout: float, moe_dispatch: str) -> nn.Module:
+    return MLP(n_embd, block.up_dim, block.non_linearity, dropout)
+
+
+def _moe(block: BlockConfig, *, n_embd: int, dropout: float, moe_dispatch: str) -> nn.Module:
+    return MoE(block, n_embd, dropout, dispatch=moe_dispatch)
+
+
+# the feed-forward kinds (BlockConfig.ffn_kind) and how each is built
+FFN_CLASSES = {"mlp": _mlp, "moe": _moe}
+
+
+def build_ffn(block: BlockConfig, *, n_embd: int, dropout: float,
+              moe_dispatch: str = "auto") -> nn.Module:
+    return FFN_CLASSES[block.ffn_kind](block, n_embd=n_embd, dropout=dropout,
+                                       moe_dispatch=moe_dispatch)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
     def __init__(self, block: BlockConfig, *, n_embd: int, dropout: float, pos_emb: str,
-                 norm: str):
+                 norm: str, moe_dispatch: str = "auto"):
         super().__init__()
         self.attn_norm = make_norm(norm, n_embd)
         self.attn = build_attention(block, n_embd=n_embd, dropout=dropout, pos_emb=pos_emb,
                                     norm=norm)
         self.ffn_norm = make_norm(norm, n_embd)
-        self.ffn = (MoE(block, n_embd, dropout) if block.moe
-                    else MLP(n_embd, block.up_dim, block.non_linearity, dropout))
+        self.ffn = build_ffn(block, n_embd=n_embd, dropout=dropout, moe_dispatch=moe_dispatch)
 
     def forward(self, x: torch.Tensor, pos: Positions,
                 cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -51,17 +68,21 @@ class Block(nn.Module):
 
 
 class LLM(nn.Module):
-    def __init__(self, config: LLMConfig):
+    """The model of `config`. `act_recomp` recomputes each block's activations in backward
+    (training only); `moe_dispatch` picks the expert matmul (auto | grouped_mm | loop)."""
+
+    def __init__(self, config: LLMConfig, *, act_recomp: bool = False,
+                 moe_dispatch: str = "auto"):
         super().__init__()
         self.config = config
-        self.act_recomp = False  # set by the trainer for --act_recomp
+        self.act_recomp = act_recomp
         C = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, C)
         self.wpe = nn.Embedding(config.block_size, C) if config.pos_emb == "learn" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(layer, n_embd=C, dropout=config.dropout, pos_emb=config.pos_emb,
-                  norm=config.norm)
+                  norm=config.norm, moe_dispatch=moe_dispatch)
             for layer in config.layers)
         self.norm_f = make_norm(config.norm, C)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)

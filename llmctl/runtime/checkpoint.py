@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..config import ConfigError, RunConfig, load_config
 from ..core.errors import LlmctlError
+from ..core.files import swap_folder, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -52,31 +53,10 @@ class CheckpointInfo:
 # ------------------------------------------------------------------------------ writing
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _dedupe_tied(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
@@ -127,8 +107,8 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
         if optimizer_state is not None:
             torch.save(dict(optimizer_state), tmp / OPTIMIZER)
         if trainer_state is not None:
-            _write_json(tmp / TRAINER_STATE, trainer_state)
-        _write_json(tmp / CONFIG, {
+            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+        write_json_atomic(tmp / CONFIG, {
             "format": FORMAT,
             "llmctl_version": __version__,
             "config": run.to_dict(),
@@ -142,12 +122,8 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
             os.chmod(tmp / name, mode)
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+        swap_folder(tmp, path, old)
         shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError, RuntimeError) as err:
         # RuntimeError: torch.save's writer reports I/O failures (e.g. a full disk) that way
@@ -183,6 +159,13 @@ def _refuse_pickle(path: Path) -> None:
     raise CheckpointError(
         f"{path} is a pickle file; llmctl never unpickles weights (a pickle can run arbitrary "
         f"code). Point at a checkpoint folder holding {WEIGHTS} and {CONFIG}.")
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint exists at `path`, counting one that a save is swapping in (its
+    previous version waits as `.NAME.old` between the two renames)."""
+    path = Path(path)
+    return (path / CONFIG).is_file() or (path.parent / f".{path.name}.old" / CONFIG).is_file()
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

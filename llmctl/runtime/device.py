@@ -1,4 +1,5 @@
-"""Device choice, autocast dtype and the fp16 grad scaler."""
+"""Device and precision: one home for the device choice (auto = cuda > mps > cpu), the autocast
+dtype, the fp16 grad scaler, and what they mean for memory estimates."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.errors import LlmctlError
+from ..config.schema import DEVICE_CHOICES, DEVICE_NAMES, DTYPES
+from ..core.errors import LlmctlError, one_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,3 +84,24 @@ class Precision:
     def load_scaler_state(self, state: dict) -> None:
         if state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state)
+
+
+def precision_for(device: str = "auto", dtype: str = "auto") -> Precision:
+    """The trainer's device choice and autocast dtype for user-given names, with a clear
+    error for a device or dtype name that is not one (sample, eval)."""
+    if dtype not in DTYPES:
+        raise LlmctlError(f"--dtype: {one_of(dtype, DTYPES)}")
+    if not DEVICE_NAMES.match(device):  # the same devices `train` accepts
+        raise LlmctlError(f"--device {device!r} is not one of {DEVICE_CHOICES}")
+    return Precision.from_names(device, dtype)
+
+
+def activation_bytes(device: str, dtype: str) -> int:
+    """Bytes per activation number when training with these --device / --dtype names
+    (2 under 16-bit autocast, 4 in fp32), without touching a device: 'auto' resolves as it
+    would on this machine; plan a GPU run from a CPU machine with --device cuda."""
+    kind = device.split(":")[0]
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    return resolve_dtype(dtype, torch.device(kind)).itemsize

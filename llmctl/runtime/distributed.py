@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -98,49 +93,3 @@ def broadcast_json(obj: object) -> object:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-# ---------------------------------------------------------------------- the --nproc launcher
-
-
-def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
-    """`torchrun --standalone --nproc_per_node N -m llmctl train ARGS` for this interpreter."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "llmctl", "train", *args]
-
-
-def _children(pid: int) -> list[int]:
-    """Child process ids of `pid` (Linux /proc; [] where unavailable)."""
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(child) for child in f.read().split()]
-    except OSError:
-        return []
-    return found
-
-
-def launch(nproc: int, args: Sequence[str]) -> int:
-    """Run the training job under torchrun and return its exit code.
-
-    torchrun runs in its own session, so a Ctrl-C at the terminal reaches only us; we pass
-    SIGINT / SIGTERM straight to the workers, which finish their step, save `latest` and
-    exit cleanly (torchrun itself would turn the signal into a failure and a traceback).
-    """
-    if os.environ.get("WORLD_SIZE") not in (None, "1"):
-        raise LlmctlError("--nproc cannot be used inside a torchrun job")
-    proc = subprocess.Popen(torchrun_command(nproc, args), start_new_session=True)
-
-    def forward(signum: int, frame: object) -> None:
-        workers = _children(proc.pid)
-        for pid in workers or [proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..core.errors import LlmctlError
+from ..core.files import atomic_file
+from ..core.units import human_count, human_duration
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,12 +42,10 @@ class MetricsFile:
         if not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_file(self.path, "w", encoding="utf-8") as f:
                 for record in kept:
                     f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            os.replace(tmp, self.path)
         except OSError as err:
             raise LlmctlError(f"cannot rewrite {self.path}: {err.strerror or err}") from None
 
@@ -73,20 +73,6 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ console
 
 
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def format_record(record: dict[str, Any], total: int) -> str:
     """`step 10/500 | loss 4.1234 | lr 3.00e-04 | ...` for one train record."""
     parts = [f"step {record['step']}/{total}", f"loss {record['loss']:.4f}",
@@ -97,7 +83,7 @@ def format_record(record: dict[str, Any], total: int) -> str:
         parts.append(f"aux {record['aux_loss']:.4f}")
     if record.get("imbalance"):
         parts.append("imb " + ",".join(f"{v:.2f}" for v in record["imbalance"]))
-    parts.append(f"{_si(record['tokens_per_s'])} tok/s")
+    parts.append(f"{human_count(record['tokens_per_s'], billions='G')} tok/s")
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     if record.get("memory_gb") is not None:
@@ -158,7 +144,7 @@ class Console:
             done = record["step"] - self.start_step
             left = self.total - record["step"]
             elapsed = time.perf_counter() - self._t0
-            eta = f" | eta {_duration(elapsed / done * left)}" if done > 0 else ""
+            eta = f" | eta {human_duration(elapsed / done * left)}" if done > 0 else ""
             self.info(line + eta)
 
     def info(self, message: str) -> None:

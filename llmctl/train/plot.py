@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ..core.files import atomic_path
 
 PLOT_FILE = "loss_curve.png"
 
@@ -37,9 +38,8 @@ def plot_loss_curve(records: Iterable[dict[str, Any]], path: Path, title: str = 
         ax.set_title(title or "loss")
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
     return path

@@ -17,24 +17,16 @@ from ..config import RunConfig, load_config
 from ..core.errors import LlmctlError
 from ..runtime import distributed as dist_utils
 from ..runtime.checkpoint import save_checkpoint
-from .data import TrainingData, open_training_data
+from ..runtime.device import Precision
 from ..runtime.distributed import DistEnv
+from .data import TrainingData, open_training_data
 from .flops import mfu, peak_flops
 from .metrics import METRICS_FILE, Console, MetricsFile
 from .optim import LRSchedule, build_optimizer, set_lr
 from .parallel import Parallel, local_value
-from ..runtime.device import Precision
 from .prefetch import Prefetcher
-from .run_folder import (
-    BEST,
-    LATEST,
-    check_fresh_start,
-    check_same_architecture,
-    prepare_run_dir,
-    read_resume_checkpoint,
-    resume_target,
-    run_dir,
-)
+from .resume import check_same_architecture, read_resume_checkpoint, resume_target
+from .run_folder import BEST, LATEST, check_fresh_start, prepare_run_dir, run_dir
 from .signals import StopRequest
 from .state import capture_rng, restore_rng
 
@@ -107,8 +99,7 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)  # every rank builds the same initial weights
-        self.raw_model = LLM(self.run.model)
-        self.raw_model.act_recomp = self.cfg.act_recomp
+        self.raw_model = LLM(self.run.model, act_recomp=self.cfg.act_recomp)
         if ckpt is not None:
             from ..runtime.checkpoint import load_weights
 
@@ -374,12 +365,12 @@ class Trainer:
         return {"loss": loss}
 
     def _evaluate(self, sampler_state: dict[str, Any]) -> dict[str, Any]:
-        from ..infer.evaluate import estimate_loss
+        from ..runtime.loss import SPLITS, estimate_loss, eval_seed
 
         losses = []
-        for i, split in enumerate(("train", "val")):
+        for split in SPLITS:
             # fixed seeds: every evaluation sees the same batches, so they compare fairly
-            sampler = self.data.sampler(split, seed=self.cfg.seed + 1 + i)
+            sampler = self.data.sampler(split, seed=eval_seed(self.cfg.seed, split))
             losses.append(estimate_loss(self.eval_model, sampler, self.cfg.eval_iters,
                                         self.precision.autocast()))
         packed = dist_utils.all_reduce_(torch.tensor(losses, dtype=torch.float64,

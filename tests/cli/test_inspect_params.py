@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from llmctl.cli import app
 from llmctl.config import load_config
-from llmctl.model.costs import inspect_model
 from llmctl.model import LLM
+from llmctl.model.costs import inspect_model
+from llmctl.runtime.device import activation_bytes
 
 runner = CliRunner()
 SMALL = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--vocab_size", "100",
@@ -89,7 +90,9 @@ def test_checkpoint_and_run_folder(tmp_path: Path) -> None:
     result = invoke(str(tmp_path), "--json")  # the run folder: its latest checkpoint
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report == json.loads(json.dumps(inspect_model(run.model, run.train)))
+    width = activation_bytes(run.train.device, run.train.dtype)
+    assert report == json.loads(json.dumps(inspect_model(run.model, run.train,
+                                                         activation_bytes=width)))
     # flags still apply on top of the checkpoint's config (e.g. a batch size for memory)
     bigger = json.loads(invoke(str(tmp_path), "--batch_size", "8", "--json").output)
     assert bigger["memory"]["activations"] == 4 * report["memory"]["activations"]

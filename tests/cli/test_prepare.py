@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llmctl.cli import app
-from llmctl.data.loader import PreparedDataset
 from llmctl.core.errors import LlmctlError
+from llmctl.data.loader import PreparedDataset
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()

@@ -16,8 +16,8 @@ from llmctl.config import load_config
 from llmctl.data.tokenizers import ByteTokenizer, CharTokenizer, create_tokenizer
 from llmctl.infer.decode import next_token_probs
 from llmctl.infer.load import load_checkpoint
-from llmctl.model import LLM
 from llmctl.infer.sample import IncrementalDecoder, SampleSettings, encode_prompt, generate_samples
+from llmctl.model import LLM
 from llmctl.runtime.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmctl.core.errors import LlmctlError
 from llmctl.data.loader import (
     PreparedDataset,
     RandomBatchSampler,
@@ -17,7 +18,6 @@ from llmctl.data.loader import (
 )
 from llmctl.data.prepare import PrepareOptions, prepare_dataset
 from llmctl.data.tokenizers import tokenizer_from_spec
-from llmctl.core.errors import LlmctlError
 
 
 @pytest.fixture(scope="module")

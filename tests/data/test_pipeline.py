@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmctl.data.pipeline import TokenizerPool, WorkItem, batch_pieces, encode_item
-from llmctl.data.sources import safe_cut, text_file_pieces
+from llmctl.data.sources.text import safe_cut, text_file_pieces
 from llmctl.data.tokenizers import ByteTokenizer, create_tokenizer
 
 # Whitespace runs, trailing spaces, blank lines, CRLF, digits and punctuation at line starts:

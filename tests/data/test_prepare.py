@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmctl.core.errors import LlmctlError
 from llmctl.data import layout
 from llmctl.data.prepare import SHAKESPEARE_URL_ENV, PrepareOptions, prepare_dataset
-from llmctl.core.errors import LlmctlError
 
 
 def _tokens(folder: Path, split: str) -> np.ndarray:

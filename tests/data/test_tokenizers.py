@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmctl.core.errors import LlmctlError
 from llmctl.data.tokenizers import (
     RANK_FILE,
     TIKTOKEN_FILE_ENV,
@@ -20,7 +21,6 @@ from llmctl.data.tokenizers import (
     tokenizer_files,
     tokenizer_from_spec,
 )
-from llmctl.core.errors import LlmctlError
 
 TRICKY = ("Hello world!  It's 2024...\n\n\tTabs,   spaces \n and <|endoftext|> as plain text;"
           " café, naïve, 東京, emoji 🙂, numbers 1234567 and 3.14159\r\n'll 've 're\n")

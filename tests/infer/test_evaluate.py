@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.config import load_config
-from llmctl.data.loader import RandomBatchSampler
 from llmctl.core.errors import LlmctlError
+from llmctl.data.loader import RandomBatchSampler
 from llmctl.infer.evaluate import estimate_loss, full_split_loss
 from llmctl.model import LLM
 

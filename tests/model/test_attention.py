@@ -64,7 +64,7 @@ def test_mqa_equals_gqa_with_one_kv_head(make_config, pos_emb: str) -> None:
 def test_gqa_matches_a_naive_attention_loop(n_kv_heads: int) -> None:
     torch.manual_seed(1)
     block = BlockConfig(attn="gqa", n_head=4, n_kv_heads=n_kv_heads)
-    attn = CausalSelfAttention(block, n_embd=32, dropout=0.0, rope=False)
+    attn = CausalSelfAttention(block, n_embd=32, dropout=0.0, pos_emb="learn", norm="layer")
     x = torch.randn(2, 10, 32)
     y = attn(x, Positions(0, 10, x.device, 10000.0))
     hd, group = 8, 4 // n_kv_heads
@@ -116,8 +116,7 @@ class _ShapeRecorder(TorchDispatchMode):
 def test_training_materialises_no_t_by_t_tensor(make_config, moe_flags, attn: str,
                                                pos_emb: str, act_recomp: bool) -> None:
     T = 22  # differs from every model dimension
-    model = LLM(make_config(attn=attn, pos_emb=pos_emb, **moe_flags))
-    model.act_recomp = act_recomp
+    model = LLM(make_config(attn=attn, pos_emb=pos_emb, **moe_flags), act_recomp=act_recomp)
     idx = torch.randint(0, 61, (2, T))
     with _ShapeRecorder() as rec:
         model(idx, targets=idx).loss.backward()

@@ -71,3 +71,29 @@ def test_training_call_builds_no_cache_and_prefill_does(make_config) -> None:
     assert scored.kv_cache is out.kv_cache and out.kv_cache.length == 13
     with pytest.raises(ValueError, match="use_cache=False"):
         model(idx, kv_cache=out.kv_cache, use_cache=False)
+
+
+def test_layer_cache_grows_by_doubling_and_keeps_its_history() -> None:
+    from llmctl.model.cache import LayerCache
+
+    cache = LayerCache(capacity=300)
+    torch.manual_seed(0)
+    k_all, v_all = torch.randn(2, 4, 300, 8), torch.randn(2, 4, 300, 5)
+    sizes = []
+    for start, end in [(0, 3), *((t, t + 1) for t in range(3, 200)), (200, 300)]:
+        k, v = cache.append(k_all[..., start:end, :], v_all[..., start:end, :])
+        assert torch.equal(k, k_all[..., :end, :]) and torch.equal(v, v_all[..., :end, :])
+        sizes.append(cache.allocated)
+    assert sorted(set(sizes)) == [64, 128, 256, 300]  # a short prompt allocates 64 rows
+    assert cache.numbers_per_token == 4 * (8 + 5)  # per token of one sequence, all heads
+    assert cache.capacity_nbytes == cache.nbytes == 2 * 4 * 300 * 13 * 4
+    with pytest.raises(ValueError, match="overflow"):
+        cache.append(k_all[..., :1, :], v_all[..., :1, :])
+
+
+def test_long_model_prefill_allocates_only_what_it_needs(make_config) -> None:
+    model = LLM(make_config(block_size=512)).eval()
+    with torch.no_grad():
+        cache = model(torch.zeros(1, 5, dtype=torch.long)).kv_cache
+    assert all(layer.allocated == 64 for layer in cache.layers)
+    assert cache.nbytes * 8 == cache.capacity_nbytes

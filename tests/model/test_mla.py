@@ -18,7 +18,8 @@ from llmctl.model.positional import Positions, apply_rope
 def _mla(rope: bool, norm: str = "rms") -> MultiHeadLatentAttention:
     block = BlockConfig(attn="mla", n_head=4, q_latent_dim=12, kv_latent_dim=10,
                         rope_head_dim=6 if rope else None)
-    module = MultiHeadLatentAttention(block, n_embd=32, dropout=0.0, rope=rope, norm=norm)
+    module = MultiHeadLatentAttention(block, n_embd=32, dropout=0.0,
+                                      pos_emb="rope" if rope else "learn", norm=norm)
     for p in module.parameters():  # random norm weights too, so nothing cancels by accident
         torch.nn.init.normal_(p, 0.0, 0.3)
     return module
@@ -34,8 +35,9 @@ def test_cache_holds_only_the_latent_and_rope_key(make_config, pos_emb: str,
     block_size = model.config.block_size
     for layer in cache.layers:
         assert layer.numbers_per_token == expected  # kv_latent_dim (+ rope_head_dim)
-        assert [tuple(b.shape) for b in layer.buffers] == [(B, block_size, expected)]
-    assert cache.nbytes == 3 * B * block_size * expected * 4
+        assert [(b.shape[0], b.shape[-1]) for b in layer.buffers] == [(B, expected)]
+        assert T <= layer.allocated <= block_size
+    assert cache.capacity_nbytes == 3 * B * block_size * expected * 4
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])

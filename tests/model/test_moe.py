@@ -14,11 +14,11 @@ from llmctl.model.moe import MoE, grouped_matmul
 
 
 def _moe(aux_free: bool, non_linearity: str = "swiglu", n_exp: int = 7, n_shared: int = 2,
-         n_act: int = 4, n_embd: int = 16) -> MoE:
+         n_act: int = 4, n_embd: int = 16, dispatch: str = "auto") -> MoE:
     block = BlockConfig(moe=True, n_exp=n_exp, n_shared=n_shared, n_act=n_act, up_dim=8,
                         non_linearity=non_linearity, aux_free=aux_free, coeff=0.1,
                         alpha=0.3, gamma=0.05)
-    moe = MoE(block, n_embd=n_embd, dropout=0.0)
+    moe = MoE(block, n_embd=n_embd, dropout=0.0, dispatch=dispatch)
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0.0, 0.4)
     if aux_free:  # a bias large enough to change which experts win
@@ -69,8 +69,7 @@ def _reference(moe: MoE, x: torch.Tensor, non_linearity: str) -> torch.Tensor:
 @pytest.mark.parametrize("aux_free", [False, True])
 def test_output_equals_slow_reference(aux_free: bool, non_linearity: str, dispatch: str) -> None:
     torch.manual_seed(4)
-    moe = _moe(aux_free, non_linearity).eval()
-    moe.experts.dispatch = dispatch
+    moe = _moe(aux_free, non_linearity, dispatch=dispatch).eval()
     x = torch.randn(2, 9, 16)
     y, aux = moe(x)
     expected = _reference(moe, x.reshape(-1, 16), non_linearity).view(2, 9, 16)
@@ -235,8 +234,7 @@ def test_counts_accumulate_over_micro_steps_and_not_twice_under_recompute(
     counts = {}
     for recomp in (False, True):
         torch.manual_seed(0)
-        model = LLM(make_config(**aux_free_flags))
-        model.act_recomp = recomp
+        model = LLM(make_config(**aux_free_flags), act_recomp=recomp)
         for idx in (idx_a, idx_b):
             model(idx, targets=idx).loss.backward()
         counts[recomp] = model.moe_load_counts()

@@ -39,8 +39,7 @@ def test_act_recomp_gives_same_loss_and_gradients(make_config, mixed_layers, var
     results = []
     for recomp in (False, True):
         torch.manual_seed(0)
-        model = LLM(cfg)
-        model.act_recomp = recomp
+        model = LLM(cfg, act_recomp=recomp)
         torch.manual_seed(1)  # same dropout masks
         loss = model(idx, targets=targets).loss
         loss.backward()
@@ -53,11 +52,10 @@ def test_act_recomp_gives_same_loss_and_gradients(make_config, mixed_layers, var
 
 
 def test_act_recomp_really_recomputes(make_config) -> None:
-    model = LLM(make_config())
+    model = LLM(make_config(), act_recomp=True)
     calls = []
     model.blocks[0].attn.register_forward_hook(lambda *a: calls.append(1))
     idx = torch.randint(0, 61, (1, 8))
-    model.act_recomp = True
     model(idx, targets=idx).loss.backward()
     assert len(calls) == 2  # forward, then again during backward
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmctl.core.errors import LlmctlError
-from llmctl.runtime.device import Precision, resolve_device, resolve_dtype
+from llmctl.runtime.device import Precision, activation_bytes, resolve_device, resolve_dtype
 
 
 def test_cpu_defaults_to_fp32_without_scaler():
@@ -44,3 +44,23 @@ def test_cuda_auto_is_bf16_or_fp16_with_scaler():
     fresh = Precision.from_names("cuda", "float16")
     fresh.load_scaler_state({**state, "scale": 128.0})
     assert fresh.scaler.get_scale() == 128.0
+
+
+@pytest.mark.parametrize("device,dtype,expected", [
+    ("cpu", "auto", 4), ("cuda", "auto", 2), ("cuda", "float32", 4), ("cpu", "bfloat16", 2),
+    ("auto", "auto", 2 if torch.cuda.is_available() else 4),  # as the trainer resolves it here
+])
+def test_activation_bytes_follow_the_trainers_precision(device: str, dtype: str,
+                                                        expected: int) -> None:
+    assert activation_bytes(device, dtype) == expected
+
+
+def test_inspect_params_reports_the_trainers_activation_width() -> None:
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    for device, width in (("cpu", "fp32"), ("cuda", "16-bit autocast")):
+        result = CliRunner().invoke(app, ["inspect-params", "--device", device, "--n_layer", "2"])
+        assert result.exit_code == 0, result.output
+        assert f"{width} activations" in result.output

@@ -11,7 +11,8 @@ import torch
 
 from llmctl.config import load_config
 from llmctl.runtime.checkpoint import load_training_state, read_checkpoint, read_weights
-from llmctl.runtime.distributed import DistEnv, all_gather_json, all_reduce_, torchrun_command
+from llmctl.runtime.distributed import DistEnv, all_gather_json, all_reduce_
+from llmctl.train.launch import torchrun_command
 from llmctl.train.trainer import Trainer
 
 
@@ -94,7 +95,7 @@ def test_single_process_helpers_are_identity():
 
 def test_nproc_is_refused_inside_a_torchrun_job(monkeypatch):
     from llmctl.core.errors import LlmctlError
-    from llmctl.runtime.distributed import launch
+    from llmctl.train.launch import launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LlmctlError, match="inside a torchrun job"):

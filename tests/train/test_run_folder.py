@@ -10,12 +10,8 @@ import torch
 from llmctl.config import load_config
 from llmctl.core.errors import LlmctlError
 from llmctl.runtime.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from llmctl.train.run_folder import (
-    architecture_differences,
-    check_same_architecture,
-    prepare_run_dir,
-    resume_target,
-)
+from llmctl.train.resume import architecture_differences, check_same_architecture, resume_target
+from llmctl.train.run_folder import prepare_run_dir
 
 TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8, "vocab_size": 32,
         "total_batch_size": 16}

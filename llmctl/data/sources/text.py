@@ -1,57 +1,22 @@
-"""Where documents come from: local text / JSON(L) / parquet files or folders, and URLs.
+"""Local files and folders: plain text cut at BPE-safe points, JSON(L) / parquet by rows.
 
-A source becomes a `SourcePlan`: streams of pieces `(text, ends_document, units)`, where
-`units` (bytes read, or rows) drive the progress bar. A plain text file is one document,
-cut into pieces only where the cut cannot change how a BPE tokenizer splits the text.
+A plain text file is one document, cut into pieces only where the cut cannot change how a
+BPE tokenizer splits the text.
 """
 
 from __future__ import annotations
 
 import codecs
-import hashlib
-import os
 import re
-import shutil
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-from ..core.errors import LlmctlError
+from ...core.errors import LlmctlError
+from .base import PIECE_CHARS, STRUCTURED_SUFFIXES, TEXT_SUFFIXES, Piece, SourcePlan, Stream
+from .structured import structured_file_pieces
 
-Piece = tuple[str, bool, float]  # (text, ends a document, progress units consumed)
-
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
-STRUCTURED_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-PIECE_CHARS = 1 << 21  # ~2M characters per piece: big enough to amortise, small for memory
 _READ_BYTES = 1 << 21
 _MAX_PIECE_CHARS = 1 << 25  # a piece with no safe cut is cut hard beyond this
-
-
-@dataclass
-class Stream:
-    """One pass over documents; `split` is train / val, or `all` to be divided later."""
-
-    split: str
-    label: str
-    pieces: Callable[[], Iterator[Piece]]
-    total: float | None  # units in the whole stream, when known
-    unit: str  # "B" or "rows"
-
-
-@dataclass
-class SourcePlan:
-    description: str  # recorded as meta.json "source"
-    streams: list[Stream]
-    split_policy: str  # "own": streams carry train/val; "tail": last fraction of tokens;
-    #                    "heldout": a seeded fraction of documents
-
-
-def is_url(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
 # ---------------------------------------------------------------------------- text files
@@ -144,64 +109,9 @@ def local_plan(source: Path, text_field: str, description: str | None = None) ->
                 for path in paths:
                     yield from text_file_pieces(path)
             else:
-                from .hub import structured_file_pieces
-
                 yield from structured_file_pieces(kind, paths, text_field,
                                                   unit_bytes=only_text)
     total = float(text_bytes) if only_text else None
     return SourcePlan(description or str(source), [
         Stream("all", source.name or str(source), pieces, total, "B" if only_text else "rows")],
         "tail")
-
-
-# ---------------------------------------------------------------------------- downloads
-
-
-def download(url: str, cache_dir: Path, *, refresh: bool = False,
-             what: str | None = None, progress: Callable[[int, int | None], None] | None = None
-             ) -> Path:
-    """Fetch `url` once into `cache_dir` (temp file + rename); later calls reuse it."""
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
-    key = hashlib.sha1(url.encode()).hexdigest()[:12]
-    dest = cache_dir / f"{key}-{name}"
-    if dest.is_file() and not refresh:
-        return dest
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    what = what or url
-    hint = ("download it yourself and pass --source PATH (a local copy); --source also takes "
-            "any local text / JSONL / parquet file or folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=cache_dir)
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "llmctl"})
-        with urllib.request.urlopen(request, timeout=60) as response, os.fdopen(fd, "wb") as f:
-            size = response.headers.get("Content-Length")
-            size = int(size) if size and size.isdigit() else None
-            done = 0
-            while block := response.read(1 << 20):
-                f.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, size)
-        os.replace(tmp, dest)
-    except urllib.error.HTTPError as err:
-        raise LlmctlError(f"could not download {what} from {url}: HTTP {err.code} "
-                          f"{err.reason}; {hint}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", None) or err
-        raise LlmctlError(f"could not reach {url} to download {what} ({reason}); {hint}"
-                          ) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return dest
-
-
-def url_plan(url: str, cache_dir: Path, text_field: str, refresh: bool,
-             what: str | None = None) -> SourcePlan:
-    path = download(url, cache_dir, refresh=refresh, what=what)
-    if path.stat().st_size == 0:
-        raise LlmctlError(f"{url} returned an empty file")
-    return local_plan(path, text_field, description=url)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

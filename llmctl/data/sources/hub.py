@@ -1,33 +1,23 @@
-"""Hugging Face `datasets` sources: the hub datasets, and local JSON(L) / parquet files.
+"""Hugging Face Hub datasets (the registry's tinystories, wikitext, fineweb).
 
-Hub datasets load through `datasets.load_dataset` (streaming for fineweb); `--source DIR`
-points the very same code at a local copy (a folder of parquet / JSON files named by split,
-as the hub stores them), which is also how the tests exercise it.
+They load through `datasets.load_dataset` (streaming for fineweb); `--source DIR` points the
+very same code at a local copy (a folder of parquet / JSON files named by split, as the hub
+stores them), which is also how the tests exercise it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import LlmctlError, one_of
-from .sources import STRUCTURED_SUFFIXES, Piece, SourcePlan, Stream
+from ...core.errors import LlmctlError, one_of
+from ..registry import HUB_DATASETS
+from .base import STRUCTURED_SUFFIXES, Piece, SourcePlan, Stream
+from .structured import _documents, _first_line, _load, _text_rows
 
-_ROWS_PER_BATCH = 1000
 VAL_SPLITS = ("validation", "val", "valid", "test")
-
-
-@dataclass(frozen=True)
-class HubDataset:
-    name: str
-    repo: str  # hub id
-    subsets: tuple[str, ...]  # the first is the default
-    streaming: bool
-    has_val: bool
-    group_rows: Callable[[Iterable[tuple[str, float]]], Iterator[Piece]] | None = None
 
 
 def wikitext_articles(rows: Iterable[tuple[str, float]]) -> Iterator[Piece]:
@@ -48,84 +38,8 @@ def wikitext_articles(rows: Iterable[tuple[str, float]]) -> Iterator[Piece]:
 
 _WIKI_TITLE = re.compile(r"^ = [^=].* = \n?$")
 
-HUB_DATASETS = {
-    "tinystories": HubDataset("tinystories", "roneneldan/TinyStories", ("default",),
-                              streaming=False, has_val=True),
-    "wikitext": HubDataset("wikitext", "Salesforce/wikitext",
-                           ("wikitext-103-raw-v1", "wikitext-2-raw-v1", "wikitext-103-v1",
-                            "wikitext-2-v1"), streaming=False, has_val=True,
-                           group_rows=wikitext_articles),
-    "fineweb": HubDataset("fineweb", "HuggingFaceFW/fineweb-edu",
-                          ("sample-10BT", "sample-100BT", "sample-350BT", "default"),
-                          streaming=True, has_val=False),
-}
-
-
-def _datasets() -> Any:
-    import datasets
-
-    return datasets
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
-
-
-def _load(args: tuple, kwargs: dict, what: str, hint: str) -> Any:
-    try:
-        return _datasets().load_dataset(*args, **kwargs)
-    except (KeyboardInterrupt, SystemExit, LlmctlError):
-        raise
-    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFound...)
-        raise LlmctlError(f"could not load {what}: {_first_line(err)}; {hint}") from None
-
-
-def _text_rows(dataset: Any, text_field: str, origin: str,
-               unit_bytes: bool = False) -> Iterator[tuple[str, float]]:
-    """(text, units) per row; rows without text are skipped (but still counted)."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and text_field not in columns:
-        raise LlmctlError(f"{origin} has no field {text_field!r}; its fields are "
-                          f"{', '.join(map(str, columns))} (choose one with --text_field)")
-    if columns is not None and len(columns) > 1:
-        dataset = dataset.select_columns([text_field])
-    for batch in dataset.iter(batch_size=_ROWS_PER_BATCH):
-        if text_field not in batch:
-            raise LlmctlError(f"{origin} has no field {text_field!r}; its fields are "
-                              f"{', '.join(map(str, batch))} (choose one with --text_field)")
-        for text in batch[text_field]:
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise LlmctlError(f"{origin}: field {text_field!r} holds "
-                                  f"{type(text).__name__} values, not text")
-            yield text, float(len(text.encode())) if unit_bytes else 1.0
-
-
-def _documents(rows: Iterable[tuple[str, float]], group: Callable | None) -> Iterator[Piece]:
-    if group is not None:
-        yield from group(rows)
-        return
-    for text, units in rows:
-        yield text, True, units
-
-
-def structured_file_pieces(kind: str, paths: list[Path], text_field: str,
-                           unit_bytes: bool = False) -> Iterator[Piece]:
-    """Rows of local JSON(L) / parquet files, streamed through `datasets`."""
-    files = [str(p) for p in paths]
-    origin = paths[0] if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} files)"
-    dataset = _load((kind,), {"data_files": files, "split": "train", "streaming": True},
-                    f"{origin}", f"check that it is valid {kind.upper()} with a "
-                    f"{text_field!r} field")
-    rows = _text_rows(dataset, text_field, str(origin), unit_bytes)
-    try:
-        yield from _documents(rows, None)
-    except LlmctlError:
-        raise
-    except Exception as err:  # malformed rows surface while iterating
-        raise LlmctlError(f"could not read {origin}: {_first_line(err)}") from None
+# how a dataset's rows become documents (registry name -> function); default: a row each
+ROW_GROUPING = {"wikitext_articles": wikitext_articles}
 
 
 def _split_total(dataset: Any, split: str) -> float | None:
@@ -179,7 +93,7 @@ def hub_plan(name: str, *, source: str | None, subset: str | None, text_field: s
         def pieces(dataset: Any = dataset, origin: str = origin) -> Iterator[Piece]:
             rows = _text_rows(dataset, text_field, origin)
             try:
-                yield from _documents(rows, spec.group_rows)
+                yield from _documents(rows, ROW_GROUPING.get(spec.group_rows or ""))
             except LlmctlError:
                 raise
             except Exception as err:  # network drops / bad files surface while iterating
