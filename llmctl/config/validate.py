@@ -193,3 +193,10 @@ def _check_batch_split(check: _Checker, run: RunConfig, world_size: int) -> None
               f"{t.total_batch_size} must be a multiple of batch_size × block_size{world} = "
               f"{t.batch_size} × {m.block_size}{f' × {world_size}' if world else ''} = {micro}"
               f"; nearest valid: {' or '.join(map(str, nearest))}")
+
+
+def batch_split_problems(run: RunConfig, world_size: int) -> list[Problem]:
+    """The total_batch_size rule alone, for a world size known only at launch."""
+    check = _Checker({})
+    _check_batch_split(check, run, world_size)
+    return check.problems

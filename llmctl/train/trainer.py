@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RunConfig, load_config
+from ..config import ConfigError, RunConfig
+from ..config.validate import batch_split_problems
 from ..core.errors import LlmctlError
 from ..runtime import distributed as dist_utils
 from ..runtime.checkpoint import save_checkpoint
@@ -70,12 +71,9 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _check_batch_split(self) -> None:
-        micro = self.run.tokens_per_micro_step(self.env.world_size)
-        if self.cfg.total_batch_size % micro:
-            # the loader words it (numbers and nearest valid values)
-            load_config(self.run.to_dict(), world_size=self.env.world_size)
-            raise LlmctlError(f"total_batch_size {self.cfg.total_batch_size} is not a "
-                              f"multiple of {micro}")
+        problems = batch_split_problems(self.run, self.env.world_size)
+        if problems:
+            raise ConfigError(problems)
 
     def _setup(self) -> None:
         if self.device.type == "cuda":

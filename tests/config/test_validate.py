@@ -140,3 +140,14 @@ def test_unused_keys_of_other_kinds_are_not_validated():
     # a gqa layer with a nonsensical q_latent_dim: ignored, as in the reference's JSONL
     run = load_config({**OK, "layers": [_layer(attn="gqa", n_kv_heads=2, q_latent_dim=-5)]})
     assert run.model.layers[0].kv_heads == 2
+
+
+def test_batch_split_alone_for_a_world_size_known_at_launch() -> None:
+    from llmctl.config import load_config
+    from llmctl.config.validate import batch_split_problems
+
+    run = load_config(overrides={"batch_size": 2, "block_size": 64, "total_batch_size": 256})
+    assert batch_split_problems(run, 1) == [] and batch_split_problems(run, 2) == []
+    (problem,) = batch_split_problems(run, 3)
+    assert problem.key == "train.total_batch_size"
+    assert "× world_size 3" in problem.message and "nearest valid: 384" in problem.message
