@@ -424,6 +424,8 @@ def _tiktoken_from_spec(spec: dict[str, Any], folder: Path | None) -> Tokenizer:
             if path == candidates[0] and folder is not None:
                 raise LlmctlError(f"{path} does not match the sha256 its spec records (the "
                                   "tokenizer file was changed or corrupted)")
+    if name == "gpt2" and spec["sha256"] == _R50K_SHA:  # the ranks llmctl embeds
+        return _embedded_gpt2()
     where = f"{folder / rel}" if folder is not None else f"{rel!r} (no folder given)"
     raise LlmctlError(f"tokenizer rank file {where} is missing; copy the dataset's or "
                       f"checkpoint's {rel} there, or set {TIKTOKEN_FILE_ENV} to a rank file "

@@ -71,9 +71,15 @@ def test_spec_rebuilds_from_dataset_and_checkpoint_folders(gpt2_tiktoken, tmp_pa
 
 
 def test_changed_or_missing_rank_file_is_refused(gpt2_tiktoken, tmp_path):
-    tok = create_tokenizer(None, gpt2_tiktoken)
+    small = tmp_path / "small.tiktoken"
+    small.write_bytes(b"".join(base64.b64encode(bytes([i])) + b" %d\n" % i for i in range(256)))
+    custom = create_tokenizer(None, small)
     with pytest.raises(LlmctlError, match="is missing"):
-        tokenizer_from_spec(tok.spec, tmp_path)
+        tokenizer_from_spec(custom.spec, tmp_path / "elsewhere")
+    tok = create_tokenizer(None, gpt2_tiktoken)
+    # GPT-2's own ranks are built in: a missing copy is no loss (same sha256, same tokens)
+    rebuilt = tokenizer_from_spec(tok.spec, tmp_path / "elsewhere")
+    assert rebuilt.spec == tok.spec and rebuilt.encode(TRICKY) == tok.encode(TRICKY)
     tok.save_files(tmp_path)
     path = tmp_path / RANK_FILE
     path.write_bytes(path.read_bytes().replace(b"IQ== 0", b"IQ== 9", 1))
