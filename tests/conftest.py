@@ -1,4 +1,5 @@
-"""Shared test fixtures: the offline corpus / BPE ranks beside the checkout, GPU skipping."""
+"""Shared test fixtures: the embedded corpus / BPE ranks (and the reference copies beside the
+checkout they are compared with), GPU skipping."""
 
 from __future__ import annotations
 
@@ -15,24 +16,48 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _shared_data_dir() -> Path:
-    """$LLMCTL_SHARED_DATA, else ../shared/data beside the checkout."""
+    """$LLMCTL_SHARED_DATA, else ../shared/data beside the checkout: the reference copies of
+    Tiny Shakespeare and GPT-2's ranks that the embedded ones are compared with."""
     env = os.environ.get("LLMCTL_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def shakespeare_txt() -> Path:
-    path = _shared_data_dir() / "tinyshakespeare.txt"
+def _shared(name: str) -> Path:
+    path = _shared_data_dir() / name
     if not path.is_file():
         pytest.skip(f"{path} not present (set LLMCTL_SHARED_DATA)")
     return path
 
 
 @pytest.fixture(scope="session")
-def gpt2_tiktoken() -> Path:
-    path = _shared_data_dir() / "gpt2.tiktoken"
-    if not path.is_file():
-        pytest.skip(f"{path} not present (set LLMCTL_SHARED_DATA)")
+def shared_shakespeare_txt() -> Path:
+    """The reference copy of Tiny Shakespeare (skips when absent)."""
+    return _shared("tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def shared_gpt2_tiktoken() -> Path:
+    """The reference copy of GPT-2's .tiktoken rank file (skips when absent)."""
+    return _shared("gpt2.tiktoken")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_txt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny Shakespeare as a file: the copy embedded in llmctl."""
+    from llmctl.data.embedded import shakespeare_bytes
+
+    path = tmp_path_factory.mktemp("embedded") / "tinyshakespeare.txt"
+    path.write_bytes(shakespeare_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiktoken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GPT-2's .tiktoken rank file: the copy embedded in llmctl."""
+    from llmctl.data.embedded import gpt2_rank_bytes
+
+    path = tmp_path_factory.mktemp("embedded") / "gpt2.tiktoken"
+    path.write_bytes(gpt2_rank_bytes())
     return path
 
 

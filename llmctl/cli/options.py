@@ -69,7 +69,9 @@ def _metavar(name: str, annotation: Any) -> str:
 
 
 def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
+    """bool, or `bool | None` (unset = an automatic choice, e.g. compile)."""
+    return annotation is bool or (typing.get_origin(annotation) is not None
+                                  and set(typing.get_args(annotation)) == {bool, type(None)})
 
 
 def normalize_option(name: str) -> str:

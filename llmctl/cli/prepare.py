@@ -53,9 +53,9 @@ def _sigterm_cleans_up() -> Iterator[None]:
 def prepare(
     dataset: str | None = typer.Argument(
         None, metavar="DATASET", show_default=False,
-        help="shakespeare (Tiny Shakespeare from karpathy/char-rnn; $LLMCTL_SHAKESPEARE_URL "
-        "overrides the address), tinystories, wikitext or fineweb (Hugging Face datasets); "
-        "with --source, any output name."),
+        help="shakespeare (Tiny Shakespeare from karpathy/char-rnn, embedded in llmctl: no "
+        "download; $LLMCTL_SHAKESPEARE_URL or --source URL downloads instead), tinystories, "
+        "wikitext or fineweb (Hugging Face datasets); with --source, any output name."),
     source: str | None = typer.Option(
         None, "--source", metavar="PATH|URL", rich_help_panel=_SOURCE, show_default=False,
         help="Local text / JSONL / JSON / parquet file or folder, or an http(s) URL. For a "
@@ -81,12 +81,13 @@ def prepare(
         help="Hugging Face datasets cache folder (default: theirs)."),
     tokenizer: str | None = typer.Option(
         None, "--tokenizer", rich_help_panel=_TOKENS, show_default=False,
-        help="gpt2 (default), another tiktoken encoding (cl100k_base, ...), char or byte."),
+        help="gpt2 (default; built in, no download), another tiktoken encoding (cl100k_base, "
+        "...; tiktoken downloads it), char or byte."),
     tokenizer_file: Path | None = typer.Option(
         None, "--tokenizer_file", rich_help_panel=_TOKENS,
         show_default=False, metavar="PATH",
-        help="Local .tiktoken rank file (e.g. gpt2.tiktoken), used instead of downloading; "
-        "also $LLMCTL_TIKTOKEN_FILE. Copied into the dataset."),
+        help="Local .tiktoken rank file (e.g. cl100k_base.tiktoken), used instead of "
+        "downloading; also $LLMCTL_TIKTOKEN_FILE. Copied into the dataset."),
     val_fraction: float | None = typer.Option(
         None, "--val_fraction", rich_help_panel=_TOKENS, show_default=False,
         help="Validation share when the source has no validation split: the last fraction "

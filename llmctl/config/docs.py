@@ -39,6 +39,8 @@ def _type_name(annotation: object) -> str:
 def _default(f: dataclasses.Field) -> str:
     if f.name == "wandb_run_name":
         return "unix time"
+    if f.name == "compile":
+        return "on for CUDA"
     if f.default is dataclasses.MISSING:
         return "—"
     return "unset" if f.default is None else f"`{f.default}`"

@@ -33,6 +33,7 @@ SECTION_KEYS = {
     "train": set(TRAIN_FIELDS) | set(ALIASES),
 }
 FLAT_KEYS = sorted(SECTION_KEYS["model"] - {"layers"} | SECTION_KEYS["train"])
+_NULLABLE_TOP = {"model", "train", "layers", *FLAT_KEYS}  # keys where null = not set
 MAX_FILE_BYTES = 16 * 1024 * 1024
 
 _TYPES = {"model": field_types(LLMConfig), "block": field_types(BlockConfig),
@@ -179,13 +180,23 @@ def _parse_jsonl(raw: _Raw, text: str, label: str) -> list[Any] | None:
 
 
 def _read_mapping(raw: _Raw, data: Mapping[Any, Any], origin: str, base_dir: Path) -> None:
+    """Merge one source's values into `raw`: the one place file values are merged.
+
+    `null` (YAML null / ~ / empty, JSON null) means "not set", as the reference's own YAML
+    files write it: the key falls through to the earlier source or the default, exactly as
+    if it were absent. Unknown keys are errors even when null.
+    """
     layer_sources = []
     for key, value in data.items():
         key = str(key)
+        if value is None and key in _NULLABLE_TOP:
+            continue
         if key in ("model", "train") and isinstance(value, Mapping):
             for sub_key, sub_value in value.items():
                 sub_key = str(sub_key)
                 if sub_key in SECTION_KEYS[key]:
+                    if sub_value is None:
+                        continue
                     if sub_key in ("layers", *LAYER_FLAGS):
                         layer_sources.append((f"{key}.{sub_key}", sub_value))
                     else:
@@ -308,7 +319,8 @@ def _build_layer(raw: _Raw, index: int, spec: Any, template: BlockConfig, origin
         raw.problem(f"layers[{index}]", f"expected a dict of block settings, got "
                     f"{type(spec).__name__}", origin)
         return template
-    spec = {str(k): v for k, v in spec.items()}
+    spec = {str(k): v for k, v in spec.items()
+            if v is not None or str(k) not in BLOCK_FIELDS}  # null: the flat setting stays
     missing = [k for k in REQUIRED_LAYER_KEYS if k not in spec]
     if missing:
         raw.problem(f"layers[{index}]", f"missing required key(s) {', '.join(missing)} (each "

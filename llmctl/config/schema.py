@@ -37,10 +37,11 @@ def _f(default: Any = None, *, help: str, panel: str, factory: Any = None) -> An
 class BlockConfig:
     """What may differ from one transformer block to the next."""
 
-    attn: str = _f("mha", help="Attention kind: mha, mqa, gqa or mla.", panel="Attention")
+    attn: str = _f("mqa", help="Attention kind: mha, mqa, gqa or mla.", panel="Attention")
     n_head: int = _f(8, help="Number of query heads.", panel="Attention")
     n_kv_heads: int | None = _f(
-        8, help="Key/value heads (gqa only; mha uses n_head, mqa uses 1).", panel="Attention")
+        8, help="Key/value heads (gqa only; mha uses n_head, mqa uses 1, so the default 8 "
+        "matters only with attn=gqa).", panel="Attention")
     q_latent_dim: int | None = _f(
         None, help="MLA only: latent dimension of the down-projected query.", panel="Attention")
     kv_latent_dim: int | None = _f(
@@ -50,7 +51,7 @@ class BlockConfig:
         None, help="MLA with RoPE only: head dimension of the decoupled rotary keys/queries.",
         panel="Attention")
     moe: bool = _f(False, help="Replace the MLP with a sparse mixture of experts.", panel="MoE")
-    up_dim: int = _f(512, help="Hidden size of the MLP (or of each expert).", panel="Feed-forward")
+    up_dim: int = _f(256, help="Hidden size of the MLP (or of each expert).", panel="Feed-forward")
     non_linearity: str = _f(
         "gelu", help="Activation: " + ", ".join(NON_LINEARITIES) + ".", panel="Feed-forward")
     n_exp: int | None = _f(None, help="MoE: total number of experts per layer.", panel="MoE")
@@ -99,7 +100,7 @@ class LLMConfig:
     vocab_size: int = _f(
         50304, help="Vocabulary size (50304 = GPT-2's 50257 padded to a multiple of 64).",
         panel="Model")
-    block_size: int = _f(1024, help="Maximum context length in tokens.", panel="Model")
+    block_size: int = _f(512, help="Maximum context length in tokens.", panel="Model")
     dropout: float = _f(0.0, help="Dropout rate (attention, residual and MLP).", panel="Model")
     pos_emb: str = _f("learn", help="Positional embedding: learn, sin or rope.", panel="Model")
     norm: str = _f("layer", help="Normalization: layer (LayerNorm) or rms (RMSNorm).",
@@ -125,7 +126,8 @@ class LLMConfig:
         return any(layer.moe for layer in self.layers)
 
 
-def _timestamp() -> str:
+def unix_time_name() -> str:
+    """The reference's default W&B run name: the current unix time as a string."""
     return str(int(time.time()))
 
 
@@ -157,7 +159,10 @@ class TrainConfig:
                           panel="Training")
     act_recomp: bool = _f(False, help="Activation recomputation (checkpointing) per block.",
                           panel="Performance")
-    compile: bool = _f(False, help="Compile the model with torch.compile.", panel="Performance")
+    compile: bool | None = _f(
+        None, help="Compile the model with torch.compile. Default: on for CUDA, off elsewhere "
+        "(the reference compiles on every POSIX system; on CPU and MPS compiling costs more "
+        "time than it saves for llmctl's models).", panel="Performance")
     device: str = _f("auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.",
                      panel="Performance")
     dtype: str = _f("auto", help="auto (bf16 autocast on CUDA if supported, else fp16; fp32 "
@@ -173,7 +178,9 @@ class TrainConfig:
     eval_interval: int = _f(100, help="Steps between evaluations.", panel="Evaluation")
     eval_iters: int = _f(100, help="Batches per evaluation estimate.", panel="Evaluation")
     save_model: bool = _f(False, help="Save checkpoints (latest every ckpt_interval, best on "
-                          "val, and at the end).", panel="Checkpointing")
+                          "val, and at the end). Off by default, as the reference's flag (its "
+                          "dataclass says true, but a run without --save_model saves nothing).",
+                          panel="Checkpointing")
     ckpt_interval: int = _f(250, help="Steps between checkpoints.", panel="Checkpointing")
     file_name: str = _f("llm_model", help="Run name: checkpoints go to out_dir/file_name/.",
                         panel="Checkpointing")
@@ -184,8 +191,9 @@ class TrainConfig:
                            panel="Logging")
     wandb_log: bool = _f(False, help="Log metrics to Weights & Biases.", panel="Logging")
     wandb_project: str = _f("llms", help="Weights & Biases project.", panel="Logging")
-    wandb_run_name: str = _f(help="Weights & Biases run name (default: unix timestamp).",
-                             panel="Logging", factory=_timestamp)
+    wandb_run_name: str | None = _f(
+        None, help="Weights & Biases run name (default: the unix time at which the run starts; "
+        "a resumed run keeps its W&B name).", panel="Logging")
 
     @property
     def final_lr(self) -> float:

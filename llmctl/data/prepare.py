@@ -23,20 +23,23 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import LlmctlError, one_of
-from ..core.files import swap_folder, write_json_atomic
+from ..core.files import swap_folder, write_bytes_atomic, write_json_atomic
 from . import layout
+from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
 from .pipeline import SplitWriter, TokenizerPool, batch_pieces
 from .progress import Progress
 from .registry import DATASETS, HUB_DATASETS
 from .sources.base import SourcePlan
 from .sources.hub import hub_plan
 from .sources.text import local_plan
-from .sources.url import is_url, url_plan
+from .sources.url import is_url, probe_url, url_plan
 from .tokenizers import TIKTOKEN_FILE_ENV, CharTokenizer, Tokenizer, create_tokenizer
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-                   "tinyshakespeare/input.txt")
-SHAKESPEARE_URL_ENV = "LLMCTL_SHAKESPEARE_URL"  # overrides the download address
+                   "tinyshakespeare/input.txt")  # where the embedded copy comes from
+# When set, `prepare shakespeare` downloads from this address (a mirror, a variant of the
+# corpus) instead of using the copy embedded in llmctl, as `--source URL` would.
+SHAKESPEARE_URL_ENV = "LLMCTL_SHAKESPEARE_URL"
 DOWNLOADS = ".downloads"  # under DATA_DIR: fetched source files, reused by later runs
 _OUR_FILES = {"train.bin", "val.bin", "all.bin", layout.META_FILE, "tokenizer.tiktoken"}
 
@@ -106,27 +109,42 @@ def prepare_dataset(opts: PrepareOptions) -> PrepareResult:
 
 
 def _check_options(opts: PrepareOptions) -> None:
+    """Every problem with the options themselves, reported at once."""
+    problems = []
     if opts.dataset is None and opts.source is None:
-        raise LlmctlError(f"name a dataset ({', '.join(DATASETS)}) or pass --source PATH|URL")
+        problems.append(f"name a dataset ({', '.join(DATASETS)}) or pass --source PATH|URL")
     if opts.dataset is not None and opts.dataset not in DATASETS and opts.source is None:
-        raise LlmctlError(f"unknown dataset: {one_of(opts.dataset, DATASETS)}; or pass "
-                          "--source PATH|URL (and --name) to prepare your own text")
+        problems.append(f"unknown dataset: {one_of(opts.dataset, DATASETS)}; or pass "
+                        "--source PATH|URL (and --name) to prepare your own text")
     if opts.tokenizer == "char" and opts.tokenizer_file:
-        raise LlmctlError("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
+        problems.append("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
     if opts.source is not None and not is_url(str(opts.source)) and not Path(
             opts.source).expanduser().exists():
-        raise LlmctlError(f"--source {opts.source} does not exist")  # before any tokenizer
+        problems.append(f"--source {opts.source} does not exist")  # before any tokenizer
     if opts.val_fraction is not None and not 0 < opts.val_fraction < 1:
-        raise LlmctlError(f"--val_fraction {opts.val_fraction} must be between 0 and 1")
+        problems.append(f"--val_fraction {opts.val_fraction} must be between 0 and 1")
     if opts.max_tokens is not None and opts.max_tokens < 2:
-        raise LlmctlError(f"--max_tokens {opts.max_tokens} must be at least 2")
+        problems.append(f"--max_tokens {opts.max_tokens} must be at least 2")
     if opts.num_proc is not None and opts.num_proc < 1:
-        raise LlmctlError(f"--num_proc {opts.num_proc} must be at least 1")
+        problems.append(f"--num_proc {opts.num_proc} must be at least 1")
     if opts.subset and opts.dataset not in HUB_DATASETS:
-        raise LlmctlError(f"--subset is for {', '.join(HUB_DATASETS)}")
-    if opts.subset and opts.subset not in HUB_DATASETS[opts.dataset].subsets:
+        problems.append(f"--subset is for {', '.join(HUB_DATASETS)}")
+    elif opts.subset and opts.subset not in HUB_DATASETS[opts.dataset].subsets:
         subsets = HUB_DATASETS[opts.dataset].subsets
-        raise LlmctlError(f"--subset for {opts.dataset}: {one_of(opts.subset, subsets)}")
+        problems.append(f"--subset for {opts.dataset}: {one_of(opts.subset, subsets)}")
+    _raise_all(problems)
+
+
+def _raise_all(problems: list[str]) -> None:
+    """One LlmctlError naming every problem (each keeps its own fix), if there are any."""
+    if len(problems) == 1:
+        raise LlmctlError(problems[0])
+    if problems:
+        lines = [f"prepare cannot start ({len(problems)} problems):"]
+        for problem in problems:
+            first, *rest = problem.splitlines() or [""]
+            lines += [f"  - {first}", *(f"    {line}" for line in rest)]
+        raise LlmctlError("\n".join(lines))
 
 
 def _registry_dataset(opts: PrepareOptions) -> str | None:
@@ -150,7 +168,7 @@ def _fingerprint(opts: PrepareOptions, name: str) -> dict[str, Any]:
     if source is not None and not is_url(source):
         source = str(Path(source).resolve())
     elif source is None and dataset == "shakespeare":
-        source = os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_URL
+        source = os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_SOURCE
     file = opts.tokenizer_file or (os.environ.get(TIKTOKEN_FILE_ENV)
                                    if opts.tokenizer not in ("char", "byte") else None)
     file_sha = None
@@ -231,7 +249,8 @@ def _install(partial: Path, final: Path) -> None:
 # ---------------------------------------------------------------------------- building
 
 
-def _plan(opts: PrepareOptions, data_dir: Path) -> SourcePlan:
+def _plan(opts: PrepareOptions, data_dir: Path, probe: bool = False) -> SourcePlan | None:
+    """The source's streams; `probe`: only check that it can be reached (no download)."""
     downloads = data_dir / DOWNLOADS
     dataset, source = _registry_dataset(opts), opts.source
     if dataset in HUB_DATASETS:
@@ -239,14 +258,31 @@ def _plan(opts: PrepareOptions, data_dir: Path) -> SourcePlan:
             raise LlmctlError(f"--source for {dataset} must be a local copy (a folder or file "
                               "of parquet / JSON(L)); download it first")
         return hub_plan(dataset, source=source, subset=opts.subset, text_field=opts.text_field,
-                        streaming=opts.streaming, cache_dir=opts.cache_dir)
+                        streaming=True if probe else opts.streaming, cache_dir=opts.cache_dir)
+    what = None
     if dataset == "shakespeare" and source is None:
-        url = os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_URL
-        return url_plan(url, downloads, opts.text_field, refresh=opts.force,
-                        what="Tiny Shakespeare")
+        source, what = os.environ.get(SHAKESPEARE_URL_ENV), "Tiny Shakespeare"
+        if not source:
+            return None if probe else _embedded_shakespeare(downloads, opts.text_field)
     if is_url(source):
-        return url_plan(source, downloads, opts.text_field, refresh=opts.force)
+        if probe:
+            return probe_url(source, downloads, what=what)
+        return url_plan(source, downloads, opts.text_field, refresh=opts.force, what=what)
     return local_plan(Path(source), opts.text_field)
+
+
+def _embedded_shakespeare(downloads: Path, text_field: str) -> SourcePlan:
+    """The Tiny Shakespeare copy inside llmctl, unpacked once under DATA_DIR/.downloads."""
+    data = shakespeare_bytes()
+    path = downloads / "embedded-tinyshakespeare.txt"
+    try:
+        current = path.read_bytes() if path.is_file() else None
+        if current != data:
+            downloads.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, data)
+    except OSError as err:
+        raise LlmctlError(f"cannot write {path}: {err.strerror or err}") from None
+    return local_plan(path, text_field, description=SHAKESPEARE_DESCRIPTION)
 
 
 def _fit_chars(plan: SourcePlan, opts: PrepareOptions) -> CharTokenizer:
@@ -266,9 +302,18 @@ def _fit_chars(plan: SourcePlan, opts: PrepareOptions) -> CharTokenizer:
 def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
            fingerprint: dict[str, Any], start: float) -> dict[str, Any]:
     tokenizer: Tokenizer | None = None
-    if opts.tokenizer != "char":  # fail on a bad tokenizer before any download
-        tokenizer = create_tokenizer(opts.tokenizer, opts.tokenizer_file)
+    if opts.tokenizer != "char":  # a bad tokenizer is found before any download
+        try:
+            tokenizer = create_tokenizer(opts.tokenizer, opts.tokenizer_file)
+        except LlmctlError as err:  # also say whether the source can be reached, then stop
+            problems = [str(err)]
+            try:
+                _plan(opts, data_dir, probe=True)
+            except LlmctlError as source_err:
+                problems.append(str(source_err))
+            _raise_all(problems)
     plan = _plan(opts, data_dir)
+    assert plan is not None
     if tokenizer is None:
         tokenizer = _fit_chars(plan, opts)
     tokenizer.save_files(partial)

@@ -7,8 +7,9 @@ Kinds (`spec["kind"]`):
 - `char`: the sorted characters of the corpus (`spec["chars"]`), end-of-text = len(chars).
 - `byte`: the 256 byte values, end-of-text = 256.
 
-`LLMCTL_TIKTOKEN_FILE` names a local `.tiktoken` rank file used wherever a tiktoken encoding
-would otherwise be downloaded (same as `prepare --tokenizer_file`).
+`gpt2` is built from GPT-2's ranks embedded in the package (`embedded.py`), so it never needs
+the network. `LLMCTL_TIKTOKEN_FILE` names a local `.tiktoken` rank file used wherever another
+tiktoken encoding would otherwise be downloaded (same as `prepare --tokenizer_file`).
 """
 
 from __future__ import annotations
@@ -291,6 +292,22 @@ def _from_rank_file(path: Path, requested: str | None) -> TiktokenTokenizer:
     return TiktokenTokenizer(encoding, spec, data)
 
 
+def _embedded_gpt2() -> TiktokenTokenizer:
+    """GPT-2's encoding from the ranks inside the package: tiktoken's own `gpt2` split
+    pattern and end-of-text token (read from tiktoken_ext.openai_public), no download."""
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    from .embedded import gpt2_rank_bytes
+
+    data = gpt2_rank_bytes()
+    ranks = parse_ranks(data, "llmctl's embedded gpt2.tiktoken")
+    special = {ENDOFTEXT: max(ranks.values()) + 1}  # 50256, as tiktoken's gpt2
+    spec = {"kind": "tiktoken", "name": "gpt2", "pat_str": r50k_pat_str,
+            "special_tokens": special, "eot_token": ENDOFTEXT, "file": RANK_FILE,
+            "sha256": hashlib.sha256(data).hexdigest()}
+    return TiktokenTokenizer(_encoding("gpt2", r50k_pat_str, ranks, special), spec, data)
+
+
 def _download_error(name: str, err: BaseException) -> LlmctlError:
     detail = (str(err).splitlines() or [""])[0]
     detail = detail if len(detail) <= 160 else detail[:160] + "..."
@@ -298,11 +315,15 @@ def _download_error(name: str, err: BaseException) -> LlmctlError:
         f"could not fetch the BPE ranks of tiktoken encoding {name!r} (tiktoken downloads them "
         f"from openaipublic.blob.core.windows.net): {type(err).__name__}: {detail}\n"
         f"Offline, pass --tokenizer_file PATH/{name}.tiktoken (a local rank file) or set "
-        f"{TIKTOKEN_FILE_ENV}=PATH/{name}.tiktoken")
+        f"{TIKTOKEN_FILE_ENV}=PATH/{name}.tiktoken (the default gpt2 tokenizer is built in "
+        "and needs no download)")
 
 
 def _from_tiktoken_name(name: str) -> TiktokenTokenizer:
-    """tiktoken's registered encoding `name` (downloaded, or from tiktoken's cache)."""
+    """tiktoken's registered encoding `name` (downloaded, or from tiktoken's cache); gpt2
+    is built from the ranks embedded in llmctl, never downloaded."""
+    if name == "gpt2":
+        return _embedded_gpt2()
     import tiktoken
 
     names = tiktoken.list_encoding_names()
@@ -403,6 +424,8 @@ def _tiktoken_from_spec(spec: dict[str, Any], folder: Path | None) -> Tokenizer:
             if path == candidates[0] and folder is not None:
                 raise LlmctlError(f"{path} does not match the sha256 its spec records (the "
                                   "tokenizer file was changed or corrupted)")
+    if name == "gpt2" and spec["sha256"] == _R50K_SHA:  # the ranks llmctl embeds
+        return _embedded_gpt2()
     where = f"{folder / rel}" if folder is not None else f"{rel!r} (no folder given)"
     raise LlmctlError(f"tokenizer rank file {where} is missing; copy the dataset's or "
                       f"checkpoint's {rel} there, or set {TIKTOKEN_FILE_ENV} to a rank file "

@@ -104,7 +104,9 @@ class Trainer:
             load_weights(ckpt, self.raw_model)
         self.raw_model.to(self.device)
         # wrap first: FSDP swaps in sharded parameters, which the optimizer must hold
-        self.model, self.eval_model = self.parallel.wrap(self.raw_model, self.cfg.compile)
+        compile_model = (self.device.type == "cuda" if self.cfg.compile is None
+                         else self.cfg.compile)  # default: compile where it helps (CUDA)
+        self.model, self.eval_model = self.parallel.wrap(self.raw_model, compile_model)
         self.optimizer = build_optimizer(self.raw_model, self.cfg, self.device)
         self.schedule = LRSchedule.from_config(self.cfg)
         if self.env.rank:
@@ -116,11 +118,15 @@ class Trainer:
             trainer_state = self._restore(ckpt, info)  # RNG last: nothing may draw after it
         self.wandb = None
         if self.cfg.wandb_log and self.env.is_main:
+            from ..config.schema import unix_time_name
             from .wandb_run import WandbRun
 
-            self.wandb = WandbRun(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name,
+            run_id = trainer_state.get("wandb_run_id")
+            # Unset name: the reference's unix time for a new run; a resumed run keeps its own.
+            name = self.cfg.wandb_run_name or (None if run_id else unix_time_name())
+            self.wandb = WandbRun(project=self.cfg.wandb_project, name=name,
                                   config=self.run.to_dict(), run_dir=self.run_dir,
-                                  run_id=trainer_state.get("wandb_run_id"))
+                                  run_id=run_id)
             self.wandb_id = self.wandb.id
         self.flops_per_token = _flops_per_token(self.run)
         self.peak = peak_flops(self.device, self.cfg.peak_flops)

@@ -11,7 +11,7 @@ from ..core.errors import LlmctlError
 class WandbRun:
     """A wandb run in `run_dir/wandb` (WANDB_MODE=offline works without a network)."""
 
-    def __init__(self, *, project: str, name: str, config: dict[str, Any], run_dir: Path,
+    def __init__(self, *, project: str, name: str | None, config: dict[str, Any], run_dir: Path,
                  run_id: str | None = None):
         try:
             import wandb

@@ -53,7 +53,7 @@ def test_both_flag_spellings_and_idempotent_rerun(shakespeare_txt, gpt2_tiktoken
     (["prepare", "--source", "x.txt", "--max_tokens", "lots"], "not a count"),
     (["prepare", "--source", "/nonexistent/corpus.txt", "--tokenizer", "byte"],
      "does not exist"),
-    # checked before the (default, offline: unreachable) gpt2 tokenizer is fetched
+    # checked before any tokenizer is built
     (["prepare", "--source", "/nonexistent/corpus.txt"], "--source /nonexistent/corpus.txt "
      "does not exist"),
     (["prepare", "fineweb", "--subset", "sample-1BT"], "did you mean 'sample-10BT'"),

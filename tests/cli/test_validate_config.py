@@ -237,3 +237,26 @@ def test_every_reference_parameter_is_a_flag_with_its_meaning():
         got = data[section][0][name] if section == "layers" else data[section][name]
         assert str(got).lower() == str(value).lower() or got == pytest.approx(float(value)), name
     assert all(layer == data["layers"][0] for layer in data["layers"]) and len(data["layers"]) == 3
+
+
+def test_bare_command_is_the_references_default_run():
+    result = invoke("validate-config", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"]["block_size"] == 512 and data["train"]["total_batch_size"] == 1024
+    assert {layer["attn"] for layer in data["layers"]} == {"mqa"}
+
+
+def test_reference_yaml_with_nulls_validates_and_falls_through(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("n_layer: 3\nlearning_rate: 1.0e-3\nbatch_size: 4\n")
+    ref = tmp_path / "reference.yaml"
+    ref.write_text("block_size: 256 # seq_len\ntotal_batch_size: 1024\nn_layer: null\n"
+                   "batch_size: null\nlearning_rate: null\nattn: null\naux_free: null\n"
+                   "alpha: null\nn_kv_heads: null\nwandb_run_name: null\nmoe: false\n")
+    result = invoke("validate-config", str(base), str(ref), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (data["model"]["n_layer"], data["model"]["block_size"]) == (3, 256)
+    assert (data["train"]["batch_size"], data["train"]["learning_rate"]) == (4, 1e-3)
+    assert data["layers"][0]["attn"] == "mqa" and data["layers"][0]["aux_free"] is False

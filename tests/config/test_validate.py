@@ -35,7 +35,8 @@ CASES = [
      "head dim n_embd/n_head = 3 must be even for pos_emb=rope"),
     ({"attn": "gqa", "n_kv_heads": 3}, "model.n_kv_heads",
      "n_head=8 must be divisible by n_kv_heads=3"),
-    ({"attn": "gqa", "n_kv_heads": None}, "model.n_kv_heads", "gqa needs n_kv_heads"),
+    # (a YAML null means "not set"; the string 'none' clears the value)
+    ({"attn": "gqa", "n_kv_heads": "none"}, "model.n_kv_heads", "gqa needs n_kv_heads"),
     ({"attn": "gqa", "n_kv_heads": 0}, "model.n_kv_heads", "must be >= 1, got 0"),
     ({"attn": "mla", "kv_latent_dim": 32}, "model.q_latent_dim", "mla needs q_latent_dim"),
     ({"attn": "mla", "q_latent_dim": 32}, "model.kv_latent_dim", "mla needs kv_latent_dim"),

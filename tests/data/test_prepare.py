@@ -242,6 +242,43 @@ def test_wrong_text_field_lists_the_fields(tmp_path, write_parquet, leftovers):
     assert result.meta["splits"]["train"]["tokens"] + result.meta["splits"]["val"]["tokens"] == 4
 
 
+def test_shakespeare_is_embedded_and_needs_no_download(shakespeare_txt, gpt2_tiktoken,
+                                                       reference_gpt2, tmp_path, monkeypatch):
+    monkeypatch.delenv(SHAKESPEARE_URL_ENV, raising=False)
+    data_dir = tmp_path / "data"
+    result = prepare_dataset(_options(data_dir, dataset="shakespeare"))  # gpt2: built in too
+    meta = result.meta
+    assert meta["source"] == "Tiny Shakespeare (karpathy/char-rnn; embedded in llmctl)"
+    assert meta["options"]["source"] == "embedded:tinyshakespeare.txt"
+    expected = reference_gpt2.encode_ordinary(shakespeare_txt.read_text(encoding="utf-8"))
+    tokens = np.concatenate([_tokens(result.folder, "train"), _tokens(result.folder, "val")])
+    assert tokens.tolist() == [*expected, 50256]
+    assert (result.folder / "tokenizer.tiktoken").read_bytes() == gpt2_tiktoken.read_bytes()
+    assert prepare_dataset(_options(data_dir, dataset="shakespeare")).skipped
+
+
+def test_every_problem_known_before_starting_is_reported_at_once(refused_url, tmp_path,
+                                                                  monkeypatch, leftovers):
+    with pytest.raises(LlmctlError) as err:
+        prepare_dataset(PrepareOptions(data_dir=tmp_path, progress=False, dataset="shakespeare",
+                                       val_fraction=1.5, max_tokens=1, num_proc=0, subset="x"))
+    message = str(err.value)
+    assert message.startswith("prepare cannot start (4 problems):")
+    for part in ("--val_fraction 1.5", "--max_tokens 1", "--num_proc 0", "--subset is for"):
+        assert part in message
+    # an unusable tokenizer and an unreachable source: both, each with its way out
+    monkeypatch.setenv(SHAKESPEARE_URL_ENV, refused_url)
+    data_dir = tmp_path / "data"
+    with pytest.raises(LlmctlError) as err:
+        prepare_dataset(_options(data_dir, dataset="shakespeare",
+                                 tokenizer_file=tmp_path / "missing.tiktoken"))
+    message = str(err.value)
+    assert message.startswith("prepare cannot start (2 problems):")
+    assert "cannot read tokenizer file" in message and "missing.tiktoken" in message
+    assert "could not reach" in message and refused_url in message and "--source PATH" in message
+    assert leftovers(data_dir) == []
+
+
 def test_unknown_dataset_and_bad_options(tmp_path):
     with pytest.raises(LlmctlError, match="did you mean 'shakespeare'"):
         prepare_dataset(_options(tmp_path, dataset="shakespear"))

@@ -71,9 +71,15 @@ def test_spec_rebuilds_from_dataset_and_checkpoint_folders(gpt2_tiktoken, tmp_pa
 
 
 def test_changed_or_missing_rank_file_is_refused(gpt2_tiktoken, tmp_path):
-    tok = create_tokenizer(None, gpt2_tiktoken)
+    small = tmp_path / "small.tiktoken"
+    small.write_bytes(b"".join(base64.b64encode(bytes([i])) + b" %d\n" % i for i in range(256)))
+    custom = create_tokenizer(None, small)
     with pytest.raises(LlmctlError, match="is missing"):
-        tokenizer_from_spec(tok.spec, tmp_path)
+        tokenizer_from_spec(custom.spec, tmp_path / "elsewhere")
+    tok = create_tokenizer(None, gpt2_tiktoken)
+    # GPT-2's own ranks are built in: a missing copy is no loss (same sha256, same tokens)
+    rebuilt = tokenizer_from_spec(tok.spec, tmp_path / "elsewhere")
+    assert rebuilt.spec == tok.spec and rebuilt.encode(TRICKY) == tok.encode(TRICKY)
     tok.save_files(tmp_path)
     path = tmp_path / RANK_FILE
     path.write_bytes(path.read_bytes().replace(b"IQ== 0", b"IQ== 9", 1))
@@ -103,10 +109,59 @@ def test_unreachable_download_names_what_and_how(tmp_path, monkeypatch):
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.setenv(var, proxy)
     with pytest.raises(LlmctlError) as err:
-        create_tokenizer("gpt2")
+        create_tokenizer("cl100k_base")
     message = str(err.value)
     assert "openaipublic.blob.core.windows.net" in message
-    assert "--tokenizer_file PATH/gpt2.tiktoken" in message and TIKTOKEN_FILE_ENV in message
+    assert "--tokenizer_file PATH/cl100k_base.tiktoken" in message
+    assert TIKTOKEN_FILE_ENV in message
+    # gpt2, the default, is built in: the same offline machine has it
+    for tok in (create_tokenizer("gpt2"), create_tokenizer(),
+                tokenizer_from_spec({"kind": "tiktoken", "name": "gpt2"})):
+        assert tok.spec["name"] == "gpt2" and tok.encode("Hello world") == [15496, 995]
+
+
+# ---------------------------------------------------------------- the embedded copies
+
+
+def test_embedded_shakespeare_is_the_reference_file(shared_shakespeare_txt):
+    from llmctl.data.embedded import shakespeare_bytes
+
+    data = shakespeare_bytes()
+    assert data == shared_shakespeare_txt.read_bytes()
+    assert len(data.decode("utf-8")) == 1_115_394
+
+
+def test_embedded_gpt2_ranks_are_the_reference_ranks(shared_gpt2_tiktoken):
+    from tiktoken.load import load_tiktoken_bpe
+
+    from llmctl.data.embedded import gpt2_rank_bytes
+    from llmctl.data.tokenizers import parse_ranks
+
+    reference = load_tiktoken_bpe(str(shared_gpt2_tiktoken))
+    assert parse_ranks(gpt2_rank_bytes(), "embedded") == reference
+    assert create_tokenizer("gpt2").encoding._mergeable_ranks == reference
+
+
+def test_embedded_gpt2_encodes_shakespeare_as_tiktoken(shared_gpt2_tiktoken,
+                                                       shared_shakespeare_txt):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext import openai_public
+
+    reference = tiktoken.Encoding(
+        name="gpt2", pat_str=openai_public.r50k_pat_str,
+        mergeable_ranks=load_tiktoken_bpe(str(shared_gpt2_tiktoken)),
+        special_tokens={openai_public.ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+    ours = create_tokenizer("gpt2")
+    assert ours.spec["pat_str"] == openai_public.r50k_pat_str
+    assert ours.spec["special_tokens"] == {openai_public.ENDOFTEXT: 50256}
+    assert (ours.vocab_size, ours.eot_id) == (reference.n_vocab, reference.eot_token)
+    text = shared_shakespeare_txt.read_text(encoding="utf-8")
+    expected = reference.encode_ordinary(text)
+    assert len(expected) > 300_000
+    np.testing.assert_array_equal(ours.encode_array(text), expected)
+    assert ours.encode(TRICKY) == reference.encode_ordinary(TRICKY)
+    assert ours.decode(expected) == text
 
 
 def test_unknown_tokenizer_lists_choices():

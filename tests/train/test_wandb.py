@@ -98,3 +98,17 @@ def test_offline_run_files_and_resume_keep_the_run(tiny, hetero, monkeypatch):
         assert row["loss"] == pytest.approx(record["loss"])
         assert row["lr"] == pytest.approx(record["lr"])
         assert row["imbalance/layer_0"] == pytest.approx(record["imbalance"][0])
+
+
+def test_unset_run_name_is_the_unix_time_the_run_starts(tiny, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    flags = tiny(file_name="wb_name", wandb_log=True, wandb_project="llmctl-test", max_iters=1)
+    run = load_config(overrides=flags)
+    assert run.train.wandb_run_name is None  # the config itself holds no time
+    before = int(time.time())
+    trainer = Trainer(run, verbose=False)
+    trainer.fit()
+    name = trainer.wandb.run.name
+    assert name.isdigit() and before <= int(name) <= int(time.time())
+    assert run.train.wandb_run_name is None

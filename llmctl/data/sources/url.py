@@ -20,6 +20,10 @@ def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
+_DOWNLOAD_HINT = ("download it yourself and pass --source PATH (a local copy); --source also "
+                  "takes any local text / JSONL / parquet file or folder")
+
+
 def download(url: str, cache_dir: Path, *, refresh: bool = False,
              what: str | None = None, progress: Callable[[int, int | None], None] | None = None
              ) -> Path:
@@ -31,8 +35,7 @@ def download(url: str, cache_dir: Path, *, refresh: bool = False,
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
     what = what or url
-    hint = ("download it yourself and pass --source PATH (a local copy); --source also takes "
-            "any local text / JSONL / parquet file or folder")
+    hint = _DOWNLOAD_HINT
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "llmctl"})
         with urllib.request.urlopen(request, timeout=60) as response, \
@@ -53,6 +56,26 @@ def download(url: str, cache_dir: Path, *, refresh: bool = False,
         raise LlmctlError(f"could not reach {url} to download {what} ({reason}); {hint}"
                           ) from None
     return dest
+
+
+def probe_url(url: str, cache_dir: Path, what: str | None = None) -> None:
+    """Raise the error `download` would, without downloading (a HEAD request)."""
+    key = hashlib.sha1(url.encode()).hexdigest()[:12]
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    if (cache_dir / f"{key}-{name}").is_file():
+        return
+    try:
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "llmctl"})
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+    except urllib.error.HTTPError as err:
+        if err.code not in (405, 501):  # HEAD not allowed: the download will tell
+            raise LlmctlError(f"could not download {what or url} from {url}: HTTP {err.code} "
+                              f"{err.reason}; {_DOWNLOAD_HINT}") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise LlmctlError(f"could not reach {url} to download {what or url} ({reason}); "
+                          f"{_DOWNLOAD_HINT}") from None
 
 
 def url_plan(url: str, cache_dir: Path, text_field: str, refresh: bool,
