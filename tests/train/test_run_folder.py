@@ -17,8 +17,8 @@ from llmctl.train.run_folder import (
     resume_target,
 )
 
-TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8, "vocab_size": 32,
-        "total_batch_size": 16}
+TINY = {"attn": "mha", "n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8,
+        "vocab_size": 32, "total_batch_size": 16}
 
 
 def _ckpt(path, step=3, **cfg):
