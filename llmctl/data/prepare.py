@@ -24,10 +24,10 @@ from .. import __version__
 from ..config.schema import DATASETS
 from ..errors import LlmctlError, one_of
 from . import layout
+from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
 from .hub import HUB_DATASETS, hub_plan
 from .pipeline import SplitWriter, TokenizerPool, batch_pieces
 from .progress import Progress
-from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
 from .sources import SourcePlan, is_url, local_plan, probe_url, remove_tree, url_plan
 from .tokenizers import TIKTOKEN_FILE_ENV, CharTokenizer, Tokenizer, create_tokenizer
 

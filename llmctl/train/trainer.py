@@ -129,9 +129,8 @@ class Trainer:
             trainer_state = self._restore(ckpt, info)  # RNG last: nothing may draw after it
         self.wandb = None
         if self.cfg.wandb_log and self.env.is_main:
-            from .wandb_run import WandbRun
-
             from ..config.schema import unix_time_name
+            from .wandb_run import WandbRun
 
             run_id = trainer_state.get("wandb_run_id")
             # Unset name: the reference's unix time for a new run; a resumed run keeps its own.
