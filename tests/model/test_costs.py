@@ -139,7 +139,7 @@ def test_memory_states_and_act_recomp() -> None:
 
 def test_seven_billion_parameters_on_the_meta_device() -> None:
     flags = dict(n_layer=32, n_embd=4096, n_head=32, vocab_size=32000, block_size=4096,
-                 up_dim=11008, non_linearity="swiglu", norm="rms", pos_emb="rope")
+                 up_dim=11008, non_linearity="swiglu", norm="rms", pos_emb="rope", attn="mha")
     cfg = load_config(overrides=flags, check_batch_split=False).model
     model = build_meta_model(cfg)
     assert all(p.is_meta for p in model.parameters())

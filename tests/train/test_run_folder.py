@@ -13,8 +13,8 @@ from llmctl.runtime.checkpoint import CheckpointError, read_checkpoint, save_che
 from llmctl.train.resume import architecture_differences, check_same_architecture, resume_target
 from llmctl.train.run_folder import prepare_run_dir
 
-TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8, "vocab_size": 32,
-        "total_batch_size": 16}
+TINY = {"attn": "mha", "n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8,
+        "vocab_size": 32, "total_batch_size": 16}
 
 
 def _ckpt(path, step=3, **cfg):
