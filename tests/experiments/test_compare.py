@@ -43,7 +43,6 @@ def records(run: Path, kind: str) -> list[dict]:
 
 def test_the_figure_exists_has_its_size_and_is_not_blank(two_runs: Path, tmp_path: Path):
     import matplotlib.pyplot as plt
-    import numpy as np
 
     png = tmp_path / "cmp.png"
     result = invoke("compare", str(two_runs), "-o", str(png))

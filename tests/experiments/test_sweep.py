@@ -255,3 +255,11 @@ def test_slurm_script_passes_bash_n_and_trains_exactly_the_point_of_its_index(
     bad = subprocess.run(["bash", str(script)], capture_output=True, text=True,
                          env={**job_env, "SLURM_ARRAY_TASK_ID": "4"}, cwd=tmp_path)
     assert bad.returncode == 2 and "this sweep has 4 points" in bad.stderr
+
+
+def test_the_attention_example_plans_four_valid_points():
+    example = Path(__file__).resolve().parents[2] / "examples" / "experiments" / "attention.yaml"
+    plan = plan_sweep([example], [parse_set("attn=gqa,mla"), parse_set("pos_emb=rope,sin")])
+    assert plan.name == "attention" and [p.name for p in plan.points] == POINTS
+    assert {p.run.train.seed for p in plan.points} == {1337}
+    assert [p.run.model.layers[0].attn for p in plan.points] == ["gqa", "gqa", "mla", "mla"]
