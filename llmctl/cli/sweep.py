@@ -89,7 +89,8 @@ def sweep(
         outcome = run_sweep(plan, echo=typer.echo)
     if outcome.stopped_by:
         raise typer.Exit(1)
-    _final_comparison(plan, x)
+    if len(outcome.failed) < len(plan.points):
+        _final_comparison(plan, x)
     if outcome.failed:
         typer.echo(f"{len(outcome.failed)} point(s) failed: {', '.join(outcome.failed)}; "
                    "rerun the sweep to retry them", err=True)

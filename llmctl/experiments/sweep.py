@@ -354,7 +354,8 @@ def slurm_script(sweep: Sweep, res: SlurmResources, workdir: Path) -> str:
     else:
         rdzv, head = "--standalone", ""
     lines += ["set -euo pipefail",
-              f'cd "${{SLURM_SUBMIT_DIR:-{workdir}}}"',
+              # relative paths in the point configs (data_dir, out_dir) mean this folder
+              f"cd {shlex.quote(str(Path(workdir).resolve()))}",
               "CONFIGS=(", configs, ")",
               ': "${SLURM_ARRAY_TASK_ID:?run this script with sbatch (a job array)}"',
               f'if (( SLURM_ARRAY_TASK_ID < 0 || SLURM_ARRAY_TASK_ID >= {n} )); then',

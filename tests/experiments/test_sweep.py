@@ -263,3 +263,13 @@ def test_the_attention_example_plans_four_valid_points():
     assert plan.name == "attention" and [p.name for p in plan.points] == POINTS
     assert {p.run.train.seed for p in plan.points} == {1337}
     assert [p.run.model.layers[0].attn for p in plan.points] == ["gqa", "gqa", "mla", "mla"]
+
+
+def test_a_point_that_fails_is_reported_and_the_sweep_goes_on(base):
+    path = base(max_iters=4, eval=False)
+    result = invoke("sweep", "-c", str(path), "--set", "learning_rate=1e12,3e-3", "--name", "lr")
+    assert result.exit_code == 1
+    assert "[1/2] learning_rate-1e12: failed:" in result.output
+    assert "1 point(s) failed: learning_rate-1e12" in result.output
+    done = read_checkpoint(path.parent / "runs" / "lr" / "learning_rate-3e-3" / "latest")
+    assert done.step == 4
