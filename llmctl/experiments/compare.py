@@ -295,6 +295,7 @@ def plot_comparison(runs: Sequence[RunData], path: Path, x: str = "tokens",
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
     colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
@@ -325,6 +326,9 @@ def plot_comparison(runs: Sequence[RunData], path: Path, x: str = "tokens",
             ax.set_ylabel("loss" + (" (log)" if log_y else ""))
             if log_x:
                 ax.set_xscale("log")
+            elif x in ("tokens", "flops"):  # 150k, not 150000
+                ax.xaxis.set_major_formatter(FuncFormatter(
+                    lambda v, _: human_count(v, digits=0 if v % 1000 == 0 else 1)))
             if log_y:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3, which="both")
