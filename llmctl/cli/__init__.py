@@ -5,11 +5,13 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .compare import compare
 from .eval_cmd import eval_cmd
 from .inspect_params import inspect_params
 from .options import normalize_option
 from .prepare import prepare
 from .sample import sample
+from .sweep import sweep
 from .train import train
 from .validate_config import validate_config
 
@@ -35,6 +37,10 @@ app.command("eval", help="Loss and perplexity of a checkpoint on a dataset split
 app.command("sample", help="Generate text from a checkpoint.")(sample)
 app.command("inspect-params", help="Parameters (total / active), FLOPs, KV-cache and memory "
             "estimates.")(inspect_params)
+app.command("sweep", help="Train a grid of configs (restartable), or write one command / a "
+            "SLURM array for it.")(sweep)
+app.command("compare", help="Loss curves of several runs in one figure, and a table of "
+            "them.")(compare)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,1 @@
+"""Experiments: grids of runs (sweep) and side-by-side comparison of runs (compare)."""
