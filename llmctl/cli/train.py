@@ -28,6 +28,12 @@ def train(
     """
     overrides = dict(overrides or {})
     rank = os.environ.get("RANK", "0").strip() or "0"  # torchrun sets it per worker
+    launched = rank_launched = False
+    if os.environ.get("LLMCTL_LAUNCHER_PID") and os.environ.get("WORLD_SIZE"):
+        from ..train.launch import die_with_parent
+
+        die_with_parent()  # a worker of `--nproc`: never outlive the launcher
+        rank_launched = True
     try:
         if nproc and nproc > 1:
             from ..train.launch import launch_training
@@ -40,7 +46,12 @@ def train(
 
         result = run_training(run)
     except LlmctlError as err:
-        typer.echo(f"{f'rank {rank}: ' if rank != '0' else ''}error: {err}", err=True)
+        if rank_launched:
+            from ..train.launch import report_worker_error
+
+            launched = report_worker_error(int(rank) if rank.isdigit() else 0, err)
+        if not launched:  # the launcher prints a worker's error once, for all ranks
+            typer.echo(f"{f'rank {rank}: ' if rank != '0' else ''}error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
     if rank != "0":
         return
