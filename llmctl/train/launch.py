@@ -35,7 +35,8 @@ _PR_SET_PDEATHSIG = 1
 # torchrun's own log lines ("E1201 12:00:00.000 123 torch/distributed/elastic/...") and its
 # report of a failed worker: noise once a worker has said what went wrong.
 _TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} \d\d:\d\d:\d\d")
-_TRACEBACK = "Traceback (most recent call last):"
+# a traceback, as Python prints it or as torch prefixes a worker's ("[rank0]: Traceback ...")
+_TRACEBACK = re.compile(r"^(\[rank\d+\]:\s*)?Traceback \(most recent call last\):")
 
 
 def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
@@ -148,7 +149,7 @@ def _explain_failure(held: list[str], code: int) -> tuple[list[str], str]:
     cut = next((i for i, line in enumerate(held) if "ChildFailedError" in line), None)
     rank = exit_code = pid = None
     if cut is not None:
-        start = max((i for i in range(cut) if held[i].startswith(_TRACEBACK)), default=cut)
+        start = max((i for i in range(cut) if _TRACEBACK.match(held[i])), default=cut)
         tail = held[cut:]
         root = next((i for i, line in enumerate(tail) if "Root Cause" in line), len(tail))
         for line in tail[root:]:
@@ -202,7 +203,7 @@ class _StderrFilter:
     def _pump(self) -> None:
         for raw in iter(self.stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
-            if line.startswith(_TRACEBACK):
+            if _TRACEBACK.match(line):
                 self._holding = True
             if self._holding or _TORCHRUN_LOG.match(line):
                 self.held.append(line)
