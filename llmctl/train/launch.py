@@ -273,9 +273,16 @@ def preflight(run: Any, nproc: int) -> None:
 
     cfg = run.train
     try:
-        Precision.from_names(cfg.device, cfg.dtype, 0)
+        device = Precision.from_names(cfg.device, cfg.dtype, 0).device
     except (RuntimeError, ValueError) as err:
         raise LlmctlError(f"--device {cfg.device}: {err}") from None
+    if device.type == "cuda" and cfg.device in ("auto", "cuda"):  # rank i takes cuda:i
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise LlmctlError(f"--nproc {nproc} needs {nproc} CUDA devices (one per process) "
+                              f"but {torch.cuda.device_count()} are visible; use --nproc "
+                              f"{torch.cuda.device_count()}")
     open_training_data(run, DistEnv(rank=0, local_rank=0, world_size=nproc))
     folder = prepare_run_dir(run_dir(run))
     check_run_folder_free(folder)

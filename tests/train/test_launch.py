@@ -206,3 +206,17 @@ def test_a_dead_worker_stops_the_others_and_is_named(ddp, llmctl_train):
     assert _survivors(tree) == []
     assert f"(pid {victim}) was killed by SIGKILL; torchrun stopped the other processes" in out
     assert "Traceback" not in out and "ChildFailedError" not in out
+
+
+@pytest.mark.gpu
+def test_more_processes_than_gpus_is_refused_before_torchrun(ddp, cli_args):
+    import torch
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    n = torch.cuda.device_count() + 1
+    flags = ddp(file_name="gpus", device="cuda", total_batch_size=128 * n)
+    done = CliRunner().invoke(app, ["train", *cli_args(flags), "--nproc", str(n)])
+    assert done.exit_code == 2, done.output
+    assert f"--nproc {n} needs {n} CUDA devices" in done.output
