@@ -104,3 +104,44 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class _Tmpfs:
+    """Small tmpfs mounts for full-disk and read-only tests (root on Linux, else skipped)."""
+
+    def __init__(self, root: Path):
+        self.root, self.mounted = root, []
+
+    def mount(self, size: str = "64k") -> Path:
+        import subprocess
+        import sys
+
+        if not sys.platform.startswith("linux") or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root on Linux")
+        where = self.root / f"tmpfs{len(self.mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(where)], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        self.mounted.append(where)
+        return where
+
+    def read_only(self, where: Path) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+
+    def unmount_all(self) -> None:
+        import subprocess
+
+        for where in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """tmpfs.mount(size) -> a fresh small tmpfs; tmpfs.read_only(path) remounts it ro."""
+    mounts = _Tmpfs(tmp_path)
+    yield mounts
+    mounts.unmount_all()

@@ -28,6 +28,13 @@ def train(
     """
     overrides = dict(overrides or {})
     rank = os.environ.get("RANK", "0").strip() or "0"  # torchrun sets it per worker
+    # a worker started by `--nproc` (its launcher sets the variable; torch is not imported
+    # here, so the name is spelled out rather than imported from train.launch)
+    launched_worker = bool(os.environ.get("LLMCTL_LAUNCHER_PID") and os.environ.get("WORLD_SIZE"))
+    if launched_worker:
+        from ..train.launch import die_with_parent
+
+        die_with_parent()  # never outlive the launcher
     try:
         if nproc and nproc > 1:
             from ..train.launch import launch_training
@@ -40,7 +47,13 @@ def train(
 
         result = run_training(run)
     except LlmctlError as err:
-        typer.echo(f"{f'rank {rank}: ' if rank != '0' else ''}error: {err}", err=True)
+        reported = False
+        if launched_worker:  # the launcher prints a worker's error once, for all ranks
+            from ..train.launch import report_worker_error
+
+            reported = report_worker_error(int(rank) if rank.isdigit() else 0, err)
+        if not reported:
+            typer.echo(f"{f'rank {rank}: ' if rank != '0' else ''}error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
     if rank != "0":
         return

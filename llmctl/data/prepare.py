@@ -90,21 +90,41 @@ def prepare_dataset(opts: PrepareOptions) -> PrepareResult:
         raise LlmctlError(f"cannot create data_dir {data_dir}: {err.strerror or err}") from None
     fingerprint = _fingerprint(opts, name)
     final = data_dir / name
-    with _lock(data_dir, name):
-        for stale in [*data_dir.glob(f".{name}.partial-*"), *data_dir.glob(f".{name}.old-*")]:
-            # left by a killed run; the lock says none is running
-            shutil.rmtree(stale, ignore_errors=True)
-        existing = _existing(final, fingerprint, opts.force)
-        if existing is not None:
-            return PrepareResult(final, existing, True, time.perf_counter() - start)
-        partial = data_dir / f".{name}.partial-{os.getpid()}"
-        partial.mkdir()
-        try:
-            meta = _build(opts, name, data_dir, partial, fingerprint, start)
-            _install(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with _lock(data_dir, name):
+            return _prepare_locked(opts, name, data_dir, fingerprint, start)
+    except DataDirNotWritable:
+        # nothing can be written here; a finished dataset with these settings needs nothing
+        existing = None if opts.force else _existing(final, fingerprint, force=False)
+        if existing is None:
             raise
+        return PrepareResult(final, existing, True, time.perf_counter() - start)
+
+
+class DataDirNotWritable(LlmctlError):
+    """The data_dir refuses new files (read-only filesystem, no permission, ...)."""
+
+
+def _prepare_locked(opts: PrepareOptions, name: str, data_dir: Path,
+                    fingerprint: dict[str, Any], start: float) -> PrepareResult:
+    final = data_dir / name
+    for stale in [*data_dir.glob(f".{name}.partial-*"), *data_dir.glob(f".{name}.old-*")]:
+        # left by a killed run; the lock says none is running
+        shutil.rmtree(stale, ignore_errors=True)
+    existing = _existing(final, fingerprint, opts.force)
+    if existing is not None:
+        return PrepareResult(final, existing, True, time.perf_counter() - start)
+    partial = data_dir / f".{name}.partial-{os.getpid()}"
+    try:
+        partial.mkdir()
+    except OSError as err:
+        raise LlmctlError(f"cannot create {partial}: {err.strerror or err}") from None
+    try:
+        meta = _build(opts, name, data_dir, partial, fingerprint, start)
+        _install(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return PrepareResult(final, meta, False, time.perf_counter() - start)
 
 
@@ -194,7 +214,13 @@ def _lock(data_dir: Path, name: str) -> Iterator[None]:
     path = data_dir / f".{name}.lock"
     busy = LlmctlError(f"another `llmctl prepare` is writing {data_dir / name} right now; "
                        "wait for it to finish")
-    with open(path, "a+") as f:
+    try:
+        f = open(path, "a+")  # noqa: SIM115 - closed below, after the unlock
+    except OSError as err:
+        raise DataDirNotWritable(f"cannot write to data_dir {data_dir}: "
+                                 f"{err.strerror or err} (creating {path}); choose another "
+                                 "--data_dir") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

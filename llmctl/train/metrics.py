@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,15 +25,29 @@ class MetricsFile:
         self.path = Path(path)
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_finite(record), separators=(",", ":")) + "\n"
+        """Append one record whole, or not at all: a write that fails or comes up short (a
+        full disk) is undone by truncating back to the previous size, so no torn line
+        stays behind for the next append to glue onto."""
+        data = (json.dumps(_finite(record), separators=(",", ":")) + "\n").encode("utf-8")
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line.encode("utf-8"))
-            finally:
-                os.close(fd)
         except OSError as err:
             raise LlmctlError(f"cannot append to {self.path}: {err.strerror or err}") from None
+        try:
+            size = os.fstat(fd).st_size  # one writer per run folder: nobody else appends
+            try:
+                written = os.write(fd, data)  # one write: never interleaved with another
+            except OSError as err:
+                _truncate(fd, size)
+                raise LlmctlError(f"cannot append to {self.path}: "
+                                  f"{err.strerror or err}") from None
+            if written != len(data):
+                _truncate(fd, size)
+                raise LlmctlError(f"cannot append to {self.path}: only {written} of "
+                                  f"{len(data)} bytes were written (is the disk full?); the "
+                                  "partial record was removed")
+        finally:
+            os.close(fd)
 
     def read(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
@@ -48,6 +63,11 @@ class MetricsFile:
                     f.write(json.dumps(record, separators=(",", ":")) + "\n")
         except OSError as err:
             raise LlmctlError(f"cannot rewrite {self.path}: {err.strerror or err}") from None
+
+
+def _truncate(fd: int, size: int) -> None:
+    with contextlib.suppress(OSError):  # shrinking needs no space; nothing more to do if not
+        os.ftruncate(fd, size)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

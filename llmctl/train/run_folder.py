@@ -1,8 +1,10 @@
-"""The run folder (out_dir/file_name): where it is, that it is writable, and that a fresh run
-does not mix with an earlier one."""
+"""The run folder (out_dir/file_name): where it is, that it is writable, that one process
+writes it at a time, and that a fresh run does not mix with an earlier one."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from ..core.errors import LlmctlError
 from ..runtime.checkpoint import has_checkpoint
 
 LATEST, BEST = "latest", "best"
+LOCK_FILE = ".lock"  # holds the pid of the `llmctl train` that writes the folder
 
 
 def run_dir(run: RunConfig) -> Path:
@@ -25,9 +28,20 @@ def prepare_run_dir(path: Path) -> Path:
             pass
     except OSError as err:
         reason = err.strerror or str(err)
+        blocker = _file_in_the_way(path)
+        if blocker is not None:
+            reason = f"{blocker} is a file, not a folder"
         raise LlmctlError(f"cannot write to the run folder {path}: {reason} (choose another "
                           "--out_dir)") from None
     return path
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing part of `path` when it is not a folder (None if all are)."""
+    for part in [path, *path.parents]:
+        if part.exists() or part.is_symlink():
+            return None if part.is_dir() else part
+    return None
 
 
 def check_fresh_start(folder: Path, *, set_aside_metrics: bool) -> None:
@@ -48,3 +62,70 @@ def check_fresh_start(folder: Path, *, set_aside_metrics: bool) -> None:
         while aside.exists():
             aside, n = folder / f"metrics.{stamp}-{n}.jsonl", n + 1
         metrics.rename(aside)
+
+
+class RunFolderLock:
+    """An exclusive flock on `folder/.lock` for one training run; the OS drops it when the
+    holder dies (even by SIGKILL), so a crashed run never leaves the folder locked.
+
+    The file is never deleted (deleting it would let two runs lock two different files);
+    its content is only the holder's pid, for the message a second run gets.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunFolderLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise LlmctlError(f"cannot create the lock file {self.path}: "
+                              f"{err.strerror or err} (choose another --out_dir)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if isinstance(err, BlockingIOError):
+                who = f"pid {holder}" if holder else "another process"
+                raise LlmctlError(
+                    f"the run folder {self.folder} is in use by another `llmctl train` ({who});"
+                    " one run writes a run folder at a time: wait for it to finish, stop it "
+                    "(Ctrl-C or kill -INT), or use another --file_name") from None
+            raise LlmctlError(f"cannot lock {self.path}: {err.strerror or err}") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock holds without the pid; only the message gets vaguer
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunFolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip())
+    return None
+
+
+def check_run_folder_free(folder: Path) -> None:
+    """Refuse now (before a launch) if another run holds `folder`."""
+    with RunFolderLock(folder):
+        pass

@@ -27,7 +27,14 @@ from .optim import LRSchedule, build_optimizer, set_lr
 from .parallel import Parallel, local_value
 from .prefetch import Prefetcher
 from .resume import check_same_architecture, read_resume_checkpoint, resume_target
-from .run_folder import BEST, LATEST, check_fresh_start, prepare_run_dir, run_dir
+from .run_folder import (
+    BEST,
+    LATEST,
+    RunFolderLock,
+    check_fresh_start,
+    prepare_run_dir,
+    run_dir,
+)
 from .signals import StopRequest
 from .state import capture_rng, restore_rng
 
@@ -67,6 +74,7 @@ class Trainer:
         self.wandb_id: str | None = None
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.resumed_from: Path | None = None
+        self.lock = RunFolderLock(self.run_dir)
 
     # ------------------------------------------------------------------ setup
 
@@ -81,9 +89,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         dist_utils.init(self.env, self.device)
         self.data: TrainingData = open_training_data(self.run, self.env)
-        if self.env.is_main:
-            prepare_run_dir(self.run_dir)
-        dist_utils.barrier()
+        self._claim_run_dir()
         ckpt = self._resume_target()
         self.metrics = MetricsFile(self.run_dir / METRICS_FILE)
         info = None
@@ -130,6 +136,20 @@ class Trainer:
             self.wandb_id = self.wandb.id
         self.flops_per_token = _flops_per_token(self.run)
         self.peak = peak_flops(self.device, self.cfg.peak_flops)
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 creates the run folder and locks it for the whole run (one writer per
+        folder); every rank learns whether that worked, so all stop with the same message."""
+        error = None
+        if self.env.is_main:
+            try:
+                prepare_run_dir(self.run_dir)
+                self.lock.acquire()
+            except LlmctlError as err:
+                error = str(err)
+        error = dist_utils.broadcast_json(error)
+        if error:
+            raise LlmctlError(error)
 
     def _resume_target(self) -> Path | None:
         """Rank 0 finds the checkpoint, or vets the folder for a fresh start; others follow."""
@@ -226,6 +246,7 @@ class Trainer:
             return self._fit()
         finally:
             dist_utils.shutdown()
+            self.lock.release()
 
     def _fit(self) -> TrainResult:
         cfg = self.cfg

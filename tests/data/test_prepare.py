@@ -328,3 +328,32 @@ def test_one_prepare_per_name_at_a_time(shakespeare_txt, tmp_path):
                                  tokenizer="byte"))
     assert prepare_dataset(_options(tmp_path, source=str(shakespeare_txt), name="sh",
                                     tokenizer="byte", max_tokens=100)).meta
+
+
+def test_read_only_data_dir_is_a_message_or_the_finished_dataset(shakespeare_txt, tmpfs):
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    disk = tmpfs.mount("1m")
+    corpus = disk / "corpus.txt"
+    corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    args = ["prepare", "--source", str(corpus), "--tokenizer", "char", "--num_proc", "1"]
+
+    def prepare(data_dir, *extra):
+        return CliRunner().invoke(app, [*args, "--data_dir", str(data_dir), *extra])
+
+    assert prepare(disk / "data", "--name", "done").exit_code == 0
+    tmpfs.read_only(disk)
+    # nothing to write: the finished dataset with these settings is simply reported
+    again = prepare(disk / "data", "--name", "done")
+    assert again.exit_code == 0 and "already prepared" in again.output, again.output
+    for where, extra, named in [
+            (disk / "data", ("--name", "fresh"), f"cannot write to data_dir {disk / 'data'}"),
+            (disk / "data", ("--name", "done", "--force"), f"cannot write to data_dir {disk}"),
+            (disk / "new", ("--name", "x"), f"cannot create data_dir {disk / 'new'}")]:
+        result = prepare(where, *extra)
+        assert result.exit_code == 2, result.output
+        assert named in result.output and "Read-only file system" in result.output
+        assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert sorted(p.name for p in (disk / "data").iterdir()) == ["done"]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 
+import pytest
+
+from llmctl.core.errors import LlmctlError
 from llmctl.train.metrics import Console, MetricsFile, format_record, read_metrics
 from llmctl.train.plot import plot_loss_curve
 
@@ -33,6 +39,63 @@ def test_torn_last_line_is_skipped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(_record(1)) + "\n" + '{"kind": "train", "st')
     assert [r["step"] for r in read_metrics(path)] == [1]
+
+
+def _fill(folder) -> None:
+    """Use up every byte of the filesystem holding `folder`."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for chunk in (4096, 1):
+            try:
+                while True:
+                    f.write(b"x" * chunk)
+            except OSError:
+                pass
+
+
+def test_append_on_a_full_disk_leaves_no_torn_line(tmpfs):
+    disk = tmpfs.mount("64k")
+    log = MetricsFile(disk / "metrics.jsonl")
+    for step in range(1, 11):  # ~1.2 kB: the file's first page has room left
+        log.append(_record(step))
+    before = log.path.read_bytes()
+    _fill(disk)
+    # a record larger than what is left of the page: the write comes up short
+    with pytest.raises(LlmctlError, match=r"cannot append to .*metrics\.jsonl"):
+        log.append({**_record(11), "note": "y" * 6000})
+    assert log.path.read_bytes() == before  # not a byte of the failed record stays
+    (disk / "filler").unlink()
+    log.append(_record(11))  # space again: the next record follows on a line of its own
+    lines = log.path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 12))
+
+
+_APPEND_OVER_LIMIT = """
+import resource, signal, sys
+from llmctl.core.errors import LlmctlError
+from llmctl.train.metrics import MetricsFile
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+log = MetricsFile(sys.argv[1])
+limit = log.path.stat().st_size + 100
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    log.append({"kind": "train", "step": 3, "note": "z" * 1000})
+except LlmctlError as err:
+    print(err)
+"""
+
+
+def test_append_past_the_file_size_limit_leaves_no_torn_line(tmp_path):
+    # the same short write without root: RLIMIT_FSIZE lets only 100 more bytes through
+    log = MetricsFile(tmp_path / "metrics.jsonl")
+    log.append(_record(1))
+    log.append(_record(2))
+    before = log.path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", _APPEND_OVER_LIMIT, str(log.path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert "cannot append to" in done.stdout and "the partial record was removed" in done.stdout
+    assert log.path.read_bytes() == before
 
 
 def test_plain_console_lines_with_eta():

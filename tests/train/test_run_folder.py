@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,84 @@ def test_unwritable_run_folder(tmp_path):
     with pytest.raises(LlmctlError, match="cannot write to the run folder"):
         prepare_run_dir(blocker / "run")
     assert prepare_run_dir(tmp_path / "ok" / "run").is_dir()
+
+
+# ------------------------------------------------------------------ one writer per folder
+
+
+def test_run_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
+    import subprocess
+    import sys
+
+    from llmctl.train.run_folder import RunFolderLock
+
+    folder = prepare_run_dir(tmp_path / "run")
+    busy = rf"in use by another `llmctl train` \(pid {os.getpid()}\)"
+    # flock conflicts between open files, even in one process
+    with RunFolderLock(folder), pytest.raises(LlmctlError, match=busy):
+        RunFolderLock(folder).acquire()
+    RunFolderLock(folder).acquire().release()  # released with the holder
+
+    # a holder killed by SIGKILL leaves the lock free (the OS drops it)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from llmctl.train.run_folder import "
+         "RunFolderLock; RunFolderLock(sys.argv[1]).acquire(); print('held', flush=True); "
+         "time.sleep(60)", str(folder)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LlmctlError, match=rf"\(pid {holder.pid}\)"):
+            RunFolderLock(folder).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunFolderLock(folder).acquire().release()
+
+
+@pytest.mark.parametrize("how", ["file_in_the_way", "read_only"])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_an_out_dir_llmctl_cannot_write_is_named_before_any_work(tmp_path, tmpfs, char_data,
+                                                                  cli_args, tiny, how, nproc):
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    if how == "file_in_the_way":
+        blocker = tmp_path / "runs"
+        blocker.write_text("not a folder")
+        out_dir, named = blocker / "deeper", f"{blocker} is a file, not a folder"
+    else:
+        disk = tmpfs.mount("64k")
+        tmpfs.read_only(disk)
+        out_dir, named = disk / "runs", "Read-only file system"
+    flags = tiny(out_dir=str(out_dir), total_batch_size=256)
+    result = CliRunner().invoke(app, ["train", *cli_args(flags), "--nproc", str(nproc)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("cannot write to the run folder") == 1, result.output
+    assert named in result.output and "--out_dir" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_folder_the_second_is_refused(tiny, llmctl_train, records):
+    import signal
+
+    from llmctl.runtime.checkpoint import read_checkpoint
+
+    flags = tiny(file_name="shared", resume="auto", max_iters=100_000, save_model=True,
+                 ckpt_interval=20, eval=False)
+    first = llmctl_train(flags)
+    for line in first.stdout:  # the first run holds the folder and is training
+        if "step 2/" in line:
+            break
+    second = llmctl_train(flags)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, out
+    assert f"in use by another `llmctl train` (pid {first.pid})" in out
+    assert "Traceback" not in out
+    first.send_signal(signal.SIGINT)  # the first run was not disturbed: it stops cleanly
+    rest, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and "stopped by SIGINT" in rest, rest
+    run = Path(flags["out_dir"]) / "shared"
+    steps = [r["step"] for r in records(run)]
+    assert steps == list(range(1, read_checkpoint(run / "latest").step + 1))  # each once

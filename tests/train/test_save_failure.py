@@ -39,4 +39,4 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny, llmctl_train
     assert read_checkpoint(latest).step == 2
     after = read_weights(latest)
     assert all(torch.equal(after[name], before[name]) for name in before)
-    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest", "metrics.jsonl"]
+    assert sorted(p.name for p in latest.parent.iterdir()) == [".lock", "latest", "metrics.jsonl"]
