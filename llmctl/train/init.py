@@ -71,7 +71,13 @@ def init_run_config(config_files: list[Path], overrides: dict[str, Any],
     dropout may change; a flag that changes a shape is refused with every difference). The
     vocabulary grows when the dataset adds special tokens."""
     saved = source.info.raw["config"]
-    base = {"model": saved["model"], "layers": saved["layers"]}
+    layers = saved["layers"]
+    if layers and all(layer == layers[0] for layer in layers):
+        # homogeneous: flat keys, so a block flag (--up_dim) meets the checkpoint's value
+        # and is reported as a difference instead of losing to a layer list
+        base = {k: v for k, v in {**saved["model"], **layers[0]}.items() if v is not None}
+    else:
+        base = {"model": saved["model"], "layers": layers}
     try:
         run = load_config(base, *config_files, overrides=overrides, world_size=world_size)
     except ConfigError as err:
