@@ -204,7 +204,7 @@ def _check_lora(check: _Checker, run: RunConfig) -> None:
     check.size("train.lora_rank", t.lora_rank, low=0, high=MAX_DIM)
     if not t.lora:
         return
-    if not t.init_from:
+    if not t.init_from and not t.resume:
         check.add("train.lora_rank", "LoRA adapts existing weights: give init_from (a "
                   "checkpoint or run folder)")
     if t.lora_alpha <= 0:

@@ -3,8 +3,6 @@ are refused, a vocabulary grown for chat tokens keeps every old row bitwise."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -18,48 +16,16 @@ from llmctl.runtime.checkpoint import read_checkpoint, read_weights
 from llmctl.train.resume import resolve_run_config
 from llmctl.train.trainer import Trainer, train
 
-from .conftest import TINY, read_records
-
-CHAT = [
-    {"messages": [{"role": "user", "content": "Good morrow!"},
-                  {"role": "assistant", "content": "Well met, friend."}]},
-    {"messages": [{"role": "user", "content": "What is the opposite of day?"},
-                  {"role": "assistant", "content": "Night."},
-                  {"role": "user", "content": "And of up?"},
-                  {"role": "assistant", "content": "Down."}]},
-] * 6
+from .conftest import finetune_flags, read_records
 
 
-@pytest.fixture(scope="module")
-def base(char_dataset, tmp_path_factory) -> dict:
-    """A trained base checkpoint on the char dataset `tiny`, and a chat dataset with its
-    tokenizer plus the three chat tokens (so the vocabulary grows by 3)."""
-    from .conftest import CORPUS_CHARS
-
-    data = char_dataset("tiny", CORPUS_CHARS)
-    root = tmp_path_factory.mktemp("init_base")
-    # vocab_size exactly the tokenizer's: the chat tokens must grow it
-    flags = {**TINY, "data_dir": str(data), "out_dir": str(root / "runs"), "max_iters": 4,
-             "file_name": "base", "save_model": True,
-             "vocab_size": PreparedDataset(data / "tiny").vocab_size}
-    from llmctl.config import load_config
-
-    train(load_config(overrides=flags), verbose=False)
-    chat_file = root / "chat.jsonl"
-    chat_file.write_text("".join(json.dumps(r) + "\n" for r in CHAT), encoding="utf-8")
-    meta = PreparedDataset(data / "tiny").meta
-    prepare_dataset(PrepareOptions(source=str(chat_file), name="chat", data_dir=data,
-                                   format="chat", base_tokenizer=meta["tokenizer"],
-                                   base_tokenizer_folder=data / "tiny", progress=False))
-    return {"ckpt": root / "runs" / "base" / "latest", "data": data, "out": root / "runs"}
+@pytest.fixture
+def base(finetune_base) -> dict:
+    return finetune_base
 
 
 def _flags(base: dict, **extra) -> dict:
-    flags = {k: v for k, v in TINY.items() if k not in ("n_layer", "n_embd", "n_head",
-                                                        "n_kv_heads", "block_size",
-                                                        "vocab_size", "up_dim")}
-    return {**flags, "data_dir": str(base["data"]), "out_dir": str(base["out"]),
-            "init_from": str(base["ckpt"]), **extra}
+    return finetune_flags(base, **extra)
 
 
 def test_first_step_loss_equals_eval_of_the_source_on_the_same_batch(base):
