@@ -3,6 +3,8 @@ are refused, a vocabulary grown for chat tokens keeps every old row bitwise."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -93,3 +95,20 @@ def test_a_grown_vocabulary_keeps_the_old_rows_bitwise(base):
         assert torch.equal(new[row], mean)
     assert trainer.raw_model.lm_head.weight is trainer.raw_model.wte.weight
     assert trainer.start.new_rows == (lo, lo + 3)
+
+
+def test_validate_config_resolves_init_from_like_train(base):
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    from .conftest import as_args
+
+    flags = _flags(base, dataset="chat", file_name="v")
+    result = CliRunner().invoke(app, ["validate-config", *as_args(flags), "--json"])
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["model"]
+    assert model["n_embd"] == 32 and model["vocab_size"] == PreparedDataset(
+        base["data"] / "chat").vocab_size  # grown for the chat tokens
+    bad = CliRunner().invoke(app, ["validate-config", *as_args({**flags, "n_embd": 64})])
+    assert bad.exit_code == 2 and "n_embd: checkpoint 32, now 64" in bad.output
