@@ -10,7 +10,8 @@ Groups (`lora_targets`) and what they adapt:
 - lm_head: the output projection (tied to the token embedding: the adapter changes the
   logits only; such an adapter is used by sample / eval / chat but cannot be merged into a
   plain, tied checkpoint).
-Not targetable: embeddings, norms, MoE routing biases.
+Not targetable: embeddings, norms. Aux-free MoE routing biases keep being updated (a
+buffer, not a gradient) and are saved with the adapter.
 
 An adapter checkpoint holds `adapter.safetensors` (the LoRA tensors, plus the rows of tokens
 new to the base, which train with them) and `adapter_config.json`; its config.json records
@@ -35,6 +36,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 NEW_ROWS = "added_token_rows"  # (k, C) embedding rows of tokens the base did not have
 _ATTENTION = ("qkv", "proj", "q_down", "q_up", "kv_down", "kv_up")
 _MLP = ("up", "down")
+_BIASES = "expert_bias"
 
 
 def require_peft() -> Any:
@@ -96,6 +98,9 @@ def attach(model: nn.Module, rank: int, alpha: float, dropout: float,
 def adapter_tensors(model: nn.Module, new_rows: tuple[int, int] | None) -> dict:
     """The adapter's tensors: LoRA weights, and the embedding rows [lo, hi) of new tokens."""
     out = {name: p.detach() for name, p in model.named_parameters() if "lora_" in name}
+    # aux-free MoE routing biases move during training too: they belong to the fine-tune
+    out.update({name: b.detach() for name, b in model.named_buffers()
+                if name.endswith(_BIASES)})
     if new_rows is not None:
         lo, hi = new_rows
         out[NEW_ROWS] = model.wte.weight.detach()[lo:hi]
@@ -108,7 +113,9 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
     import torch
 
     params = dict(model.named_parameters())
-    ours = {n for n in params if "lora_" in n} | ({NEW_ROWS} if new_rows else set())
+    params.update({n: b for n, b in model.named_buffers() if n.endswith(_BIASES)})
+    ours = {n for n in params if "lora_" in n or n.endswith(_BIASES)}
+    ours |= {NEW_ROWS} if new_rows else set()
     problems = [f"missing {n}" for n in sorted(ours - tensors.keys())]
     problems += [f"unexpected {n}" for n in sorted(tensors.keys() - ours)]
     for name in sorted(ours & tensors.keys()):

@@ -88,3 +88,21 @@ def test_a_missing_peft_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(LlmctlError, match=r"pip install -e '\.\[finetune\]'"):
         lora.require_peft()
+
+
+def test_aux_free_routing_biases_travel_with_the_adapter():
+    layer = {**MOE_LAYER, "coeff": None, "aux_free": True, "alpha": 0.01, "gamma": 0.01}
+    extra = {"layer_configs": json.dumps([layer]), "n_layer": None}
+    model = _model(extra)
+    lora.attach(model, rank=2, alpha=4, dropout=0.0, groups=["attention"])
+    with torch.no_grad():
+        model.blocks[0].ffn.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    saved = {k: v.clone() for k, v in lora.adapter_tensors(model, None).items()}
+    assert torch.equal(saved["blocks.0.ffn.expert_bias"], torch.tensor([0.1, -0.2, 0.3]))
+    fresh = _model(extra)
+    lora.attach(fresh, rank=2, alpha=4, dropout=0.0, groups=["attention"])
+    lora.load_adapter_tensors(fresh, saved, None, "test")
+    assert torch.equal(fresh.blocks[0].ffn.expert_bias, saved["blocks.0.ffn.expert_bias"])
+    with pytest.raises(LlmctlError, match="missing blocks.0.ffn.expert_bias"):
+        lora.load_adapter_tensors(fresh, {k: v for k, v in saved.items()
+                                          if "bias" not in k}, None, "test")
