@@ -44,14 +44,11 @@ def test_base_lora_merge_and_chat(shakespeare_txt: Path, tmp_path: Path) -> None
     adapter = tmp_path / "runs/chat_lora/latest"
     assert (adapter / "adapter.safetensors").is_file()
     _llmctl(tmp_path, "merge-lora", "runs/chat_lora", "merged")
+    answers = []
     for ckpt in ("runs/chat_lora", "merged"):
         text = _llmctl(tmp_path, "chat", ckpt, "--seed", "1", "--temperature", "0",
                        "--max_new_tokens", "10", "--device", "cpu",
                        stdin="Hello!\nWhat is the opposite of day?\n")
         assert text.count("assistant: ") == 2, text
-    # the merged checkpoint and the adapter answer the same (greedy)
-    a = _llmctl(tmp_path, "sample", "runs/chat_lora", "-p", "Hello", "-t", "0",
-                "--max_new_tokens", "20", "--device", "cpu")
-    b = _llmctl(tmp_path, "sample", "merged", "-p", "Hello", "-t", "0",
-                "--max_new_tokens", "20", "--device", "cpu")
-    assert a == b
+        answers.append(text)
+    assert answers[0] == answers[1]  # greedy: the adapter and its merge answer the same
