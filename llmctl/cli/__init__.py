@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .chat import chat
 from .compare import compare
 from .eval_cmd import eval_cmd
 from .inspect_params import inspect_params
+from .merge_lora import merge_lora
 from .options import normalize_option
 from .prepare import prepare
 from .sample import sample
@@ -35,6 +37,10 @@ app.command("train", help="Train a model (CPU, one GPU, or many through torchrun
 app.command("eval", help="Loss and perplexity of a checkpoint on a dataset split or text.")(
     eval_cmd)
 app.command("sample", help="Generate text from a checkpoint.")(sample)
+app.command("chat", help="Chat with a checkpoint fine-tuned on chat data (TTY or piped "
+            "stdin).")(chat)
+app.command("merge-lora", help="Fold a LoRA checkpoint's adapter into a plain checkpoint.")(
+    merge_lora)
 app.command("inspect-params", help="Parameters (total / active), FLOPs, KV-cache and memory "
             "estimates.")(inspect_params)
 app.command("sweep", help="Train a grid of configs (restartable), or write one command / a "

@@ -88,6 +88,15 @@ def prepare(
         show_default=False, metavar="PATH",
         help="Local .tiktoken rank file (e.g. cl100k_base.tiktoken), used instead of "
         "downloading; also $LLMCTL_TIKTOKEN_FILE. Copied into the dataset."),
+    data_format: str = typer.Option(
+        "text", "--format", rich_help_panel=_SOURCE,
+        help="text, or chat: a JSONL file of conversations ({\"messages\": [{\"role\", "
+        "\"content\"}]}); adds <|user|>, <|assistant|>, <|endofturn|> (and <|system|>) after "
+        "the vocabulary and writes a loss mask so only assistant tokens are targets."),
+    tokenizer_from: Path | None = typer.Option(
+        None, "--tokenizer_from", rich_help_panel=_TOKENS, show_default=False, metavar="PATH",
+        help="Use the tokenizer of this checkpoint / run folder / prepared dataset (e.g. the "
+        "base model to fine-tune), instead of --tokenizer."),
     val_fraction: float | None = typer.Option(
         None, "--val_fraction", rich_help_panel=_TOKENS, show_default=False,
         help="Validation share when the source has no validation split: the last fraction "
@@ -110,12 +119,15 @@ def prepare(
     from ..data.prepare import PrepareOptions, prepare_dataset
 
     with user_errors(), _sigterm_cleans_up():
+        base_spec, base_folder = (_tokenizer_of(tokenizer_from) if tokenizer_from
+                                  else (None, None))
         opts = PrepareOptions(
             dataset=dataset, source=source, name=name, data_dir=data_dir,
             tokenizer=tokenizer, tokenizer_file=tokenizer_file, text_field=text_field,
             subset=subset, val_fraction=val_fraction,
             max_tokens=_count(max_tokens, "--max_tokens"), num_proc=num_proc, seed=seed,
-            force=force, streaming=streaming, cache_dir=cache_dir, progress=not quiet)
+            force=force, streaming=streaming, cache_dir=cache_dir, progress=not quiet,
+            format=data_format, base_tokenizer=base_spec, base_tokenizer_folder=base_folder)
         result = prepare_dataset(opts)
     if result.skipped:
         typer.echo(f"{result.folder} is already prepared with these settings (pass --force "
@@ -124,6 +136,20 @@ def prepare(
         typer.echo(json.dumps(result.meta, indent=2, ensure_ascii=False))
         return
     _print_summary(result)
+
+
+def _tokenizer_of(path: Path) -> tuple[dict, Path]:
+    """(tokenizer spec, folder of its files) recorded by a dataset folder or a checkpoint."""
+    from ..core.errors import LlmctlError
+    from ..data.layout import META_FILE, read_meta
+    from ..runtime.checkpoint import read_checkpoint
+
+    if (path / META_FILE).is_file():
+        return read_meta(path)["tokenizer"], path
+    info = read_checkpoint(path)
+    if not info.tokenizer:
+        raise LlmctlError(f"--tokenizer_from {path}: the checkpoint records no tokenizer")
+    return info.tokenizer, info.path
 
 
 def _print_summary(result: PrepareResult) -> None:
@@ -138,7 +164,9 @@ def _print_summary(result: PrepareResult) -> None:
     total = 0
     for split, entry in meta["splits"].items():
         total += entry["tokens"]
-        typer.echo(f"  {split:<10} {entry['tokens']:,} tokens")
+        extra = (f" in {entry['conversations']:,} conversations, {entry['targets']:,} "
+                 "targets" if "conversations" in entry else "")
+        typer.echo(f"  {split:<10} {entry['tokens']:,} tokens{extra}")
     if not result.skipped:
         typer.echo(f"  took {result.seconds:.1f}s "
                    f"({total / max(result.seconds, 1e-9):,.0f} tokens/s)")

@@ -28,8 +28,15 @@ def validate_config(
     from ..config import load_config
 
     with user_errors():
-        run = load_config(*(files or []), *config_files, overrides=overrides,
-                          world_size=world_size)
+        sources = [*(files or []), *config_files]
+        probe = load_config(*sources, overrides=overrides, check_batch_split=False)
+        if probe.train.init_from and not probe.train.resume:
+            # the architecture comes from the checkpoint: resolve it as train does
+            from ..train.resume import resolve_run_config
+
+            run = resolve_run_config(sources, dict(overrides or {}), world_size)
+        else:
+            run = load_config(*sources, overrides=overrides, world_size=world_size)
     if as_json:
         typer.echo(json.dumps(run.to_dict(), indent=2))
         return

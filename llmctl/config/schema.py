@@ -24,6 +24,8 @@ GATED_NON_LINEARITIES = ("glu", "swiglu", "geglu", "reglu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_NAMES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+# LoRA target groups (runtime.lora maps them to module / parameter names)
+LORA_GROUPS = ("attention", "mlp", "experts", "router", "lm_head")
 
 
 def _f(default: Any = None, *, help: str, panel: str, factory: Any = None) -> Any:
@@ -194,10 +196,29 @@ class TrainConfig:
     wandb_run_name: str | None = _f(
         None, help="Weights & Biases run name (default: the unix time at which the run starts; "
         "a resumed run keeps its W&B name).", panel="Logging")
+    init_from: str | None = _f(
+        None, help="Start a new run from these weights: a checkpoint or run folder (fresh "
+        "optimizer, schedule and step; the architecture comes from the checkpoint). Not with "
+        "resume.", panel="Fine-tuning")
+    lora_rank: int = _f(0, help="LoRA rank (through peft; 0 = full fine-tuning). Only the "
+                        "adapters train; needs init_from.", panel="Fine-tuning")
+    lora_alpha: float = _f(32.0, help="LoRA scaling numerator (the update is scaled by "
+                           "lora_alpha / lora_rank).", panel="Fine-tuning")
+    lora_dropout: float = _f(0.05, help="Dropout on the LoRA input.", panel="Fine-tuning")
+    lora_targets: str = _f("attention,mlp", help="Comma-separated groups that get adapters: "
+                           + ", ".join(LORA_GROUPS) + ".", panel="Fine-tuning")
 
     @property
     def final_lr(self) -> float:
         return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def lora_groups(self) -> list[str]:
+        return [g.strip() for g in self.lora_targets.split(",") if g.strip()]
 
 
 @dataclass

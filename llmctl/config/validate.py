@@ -10,6 +10,7 @@ from .schema import (
     DEVICE_CHOICES,
     DEVICE_NAMES,
     DTYPES,
+    LORA_GROUPS,
     NON_LINEARITIES,
     NORMS,
     POS_EMBS,
@@ -174,6 +175,7 @@ def _check_train(check: _Checker, run: RunConfig, world_size: int | None) -> Non
                       "'.', '_', '-'; no '/')")
     if t.wandb_log and not t.wandb_project.strip():
         check.add("train.wandb_project", "must not be empty when wandb_log is on")
+    _check_lora(check, run)
     total_ok = check.size("train.total_batch_size", t.total_batch_size, high=2**50)
     if total_ok and world_size is not None:
         _check_batch_split(check, run, world_size)
@@ -200,3 +202,24 @@ def batch_split_problems(run: RunConfig, world_size: int) -> list[Problem]:
     check = _Checker({})
     _check_batch_split(check, run, world_size)
     return check.problems
+
+
+def _check_lora(check: _Checker, run: RunConfig) -> None:
+    t = run.train
+    if t.init_from is not None and not str(t.init_from).strip():
+        check.add("train.init_from", "must name a checkpoint or run folder")
+    check.size("train.lora_rank", t.lora_rank, low=0, high=MAX_DIM)
+    if not t.lora:
+        return
+    if not t.init_from and not t.resume:
+        check.add("train.lora_rank", "LoRA adapts existing weights: give init_from (a "
+                  "checkpoint or run folder)")
+    if t.lora_alpha <= 0:
+        check.add("train.lora_alpha", f"must be > 0, got {t.lora_alpha}")
+    check.ratio("train.lora_dropout", t.lora_dropout, 0.0, 1.0, high_open=True)
+    groups = t.lora_groups
+    if not groups:
+        check.add("train.lora_targets", "name at least one group: " + ", ".join(LORA_GROUPS))
+    for group in groups:
+        if group not in LORA_GROUPS:
+            check.add("train.lora_targets", one_of(group, LORA_GROUPS))

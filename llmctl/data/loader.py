@@ -115,6 +115,80 @@ class RandomBatchSampler:
         self.samples_drawn = int(state["samples_drawn"])
 
 
+class ChatBatchSampler:
+    """Seeded random whole conversations of a chat split, one per row, padded (not packed).
+
+    Sample j of the run is conversation `hash(seed, j) mod n`; it starts at position 0 of
+    its row and is cut at block_size + 1 tokens when longer. Targets are -1 (ignored by
+    the loss) where the mask says "not a target" (system / user turns, role tokens) and on
+    the padding; inputs are padded with end-of-text. Same state format as the window
+    sampler, so resume works alike.
+    """
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray,
+                 batch_size: int, block_size: int, seed: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1, name: str = "split") -> None:
+        if batch_size < 1 or block_size < 1:
+            raise LlmctlError(f"batch_size ({batch_size}) and block_size ({block_size}) must be "
+                              "positive")
+        if len(offsets) < 2:
+            raise LlmctlError(f"{name} has no conversations; prepare more chat data")
+        self.tokens, self.mask, self.offsets, self.name = tokens, mask, offsets, name
+        self.batch_size, self.block_size, self.pad_id = batch_size, block_size, pad_id
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.samples_drawn = 0
+
+    @property
+    def num_conversations(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def conversations(self) -> np.ndarray:
+        """This rank's conversation indices for the next call (without advancing)."""
+        first = self.samples_drawn + self.rank * self.batch_size
+        return window_starts(self.seed, np.arange(first, first + self.batch_size),
+                             self.num_conversations)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = self.conversations()
+        self.samples_drawn += self.global_batch
+        return self.rows(picked)
+
+    def rows(self, picked: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the given conversations, each padded / cut to block_size."""
+        T = self.block_size
+        x = np.full((len(picked), T), self.pad_id, dtype=np.int64)  # (B, T)
+        y = np.full((len(picked), T), -1, dtype=np.int64)  # (B, T)
+        for row, c in enumerate(picked):
+            start = int(self.offsets[c])
+            end = min(int(self.offsets[c + 1]), start + T + 1)
+            ids = np.asarray(self.tokens[start:end], dtype=np.int64)
+            keep = np.asarray(self.mask[start + 1:end], dtype=bool)
+            n = len(ids) - 1
+            x[row, :n] = ids[:-1]
+            y[row, :n] = np.where(keep, ids[1:], -1)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "chat_conversations", "version": 1, "seed": self.seed,
+                "samples_drawn": self.samples_drawn, "batch_size": self.batch_size,
+                "block_size": self.block_size, "world_size": self.world_size,
+                "num_tokens": int(len(self.tokens))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("kind") != "chat_conversations":
+            raise LlmctlError("not a chat sampler state (the run used another kind of dataset)")
+        for key, ours in (("num_tokens", len(self.tokens)), ("block_size", self.block_size)):
+            if state.get(key) != ours:
+                raise LlmctlError(f"sampler state is for {key}={state.get(key)}, but {self.name} "
+                                  f"has {key}={ours}: resume with the same dataset and block_size")
+        self.seed = int(state["seed"])
+        self.samples_drawn = int(state["samples_drawn"])
+
+
 class SequentialBatches:
     """Every token of a split, in non-overlapping windows of block_size, for a full eval.
 
@@ -251,7 +325,38 @@ class PreparedDataset:
                 f"model's vocab_size is {vocab_size}; set vocab_size to at least "
                 f"{self.max_token_id + 1}")
 
+    @property
+    def is_chat(self) -> bool:
+        return self.meta.get("data_format") == "chat"
+
+    def _side_file(self, split: str, key: str, dtype: str) -> np.ndarray:
+        entry = self._entry(split)
+        path = self.folder / entry[key]
+        count = entry["tokens"] if key == "mask" else entry["conversations"] + 1
+        try:
+            if path.stat().st_size != count * np.dtype(dtype).itemsize:
+                raise LlmctlError(f"{path} does not match meta.json (truncated or replaced); "
+                                  f"run `{layout.prepare_hint(self.name, self.folder.parent)}"
+                                  " --force`")
+        except FileNotFoundError:
+            raise LlmctlError(f"{path} ({split} {key}) is missing") from None
+        return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r",
+                         shape=(count,))
+
+    def loss_mask(self, split: str) -> np.ndarray:
+        """Chat data: 1 where the token is a training target (assistant content, end-of-turn)."""
+        return self._side_file(split, "mask", "uint8")
+
+    def conversation_offsets(self, split: str) -> np.ndarray:
+        return self._side_file(split, "offsets", "uint64")
+
     def random_batches(self, split: str, batch_size: int, block_size: int, seed: int,
-                       rank: int = 0, world_size: int = 1) -> RandomBatchSampler:
+                       rank: int = 0, world_size: int = 1,
+                       ) -> RandomBatchSampler | ChatBatchSampler:
+        if self.is_chat:
+            return ChatBatchSampler(self.tokens(split), self.loss_mask(split),
+                                    self.conversation_offsets(split), batch_size, block_size,
+                                    seed, self.eot_id, rank, world_size,
+                                    name=f"split {split!r} of dataset {self.name}")
         return RandomBatchSampler(self.tokens(split), batch_size, block_size, seed, rank,
                                   world_size, name=f"split {split!r} of dataset {self.name}")

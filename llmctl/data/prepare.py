@@ -25,6 +25,7 @@ from .. import __version__
 from ..core.errors import LlmctlError, one_of
 from ..core.files import swap_folder, write_bytes_atomic, write_json_atomic
 from . import layout
+from .chat import MASK_SUFFIX, OFFSETS_SUFFIX
 from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
 from .pipeline import SplitWriter, TokenizerPool, batch_pieces
 from .progress import Progress
@@ -41,7 +42,9 @@ SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/d
 # corpus) instead of using the copy embedded in llmctl, as `--source URL` would.
 SHAKESPEARE_URL_ENV = "LLMCTL_SHAKESPEARE_URL"
 DOWNLOADS = ".downloads"  # under DATA_DIR: fetched source files, reused by later runs
-_OUR_FILES = {"train.bin", "val.bin", "all.bin", layout.META_FILE, "tokenizer.tiktoken"}
+_OUR_FILES = {"train.bin", "val.bin", "all.bin", layout.META_FILE, "tokenizer.tiktoken",
+              *(s + suffix for s in layout.SPLITS for suffix in (MASK_SUFFIX, OFFSETS_SUFFIX))}
+FORMATS = ("text", "chat")
 
 
 @dataclass
@@ -62,6 +65,9 @@ class PrepareOptions:
     streaming: bool | None = None  # default: the dataset's own (fineweb streams)
     cache_dir: str | Path | None = None  # Hugging Face datasets cache
     progress: bool = True
+    format: str = "text"  # text | chat (JSONL conversations, see data.chat)
+    base_tokenizer: dict[str, Any] | None = None  # a recorded spec to use (e.g. a checkpoint's)
+    base_tokenizer_folder: str | Path | None = None  # where that spec's files lie
 
     @property
     def effective_val_fraction(self) -> float:
@@ -120,7 +126,8 @@ def _prepare_locked(opts: PrepareOptions, name: str, data_dir: Path,
     except OSError as err:
         raise LlmctlError(f"cannot create {partial}: {err.strerror or err}") from None
     try:
-        meta = _build(opts, name, data_dir, partial, fingerprint, start)
+        build = _build_chat if opts.format == "chat" else _build
+        meta = build(opts, name, data_dir, partial, fingerprint, start)
         _install(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -131,6 +138,16 @@ def _prepare_locked(opts: PrepareOptions, name: str, data_dir: Path,
 def _check_options(opts: PrepareOptions) -> None:
     """Every problem with the options themselves, reported at once."""
     problems = []
+    if opts.format not in FORMATS:
+        problems.append(f"--format: {one_of(opts.format, FORMATS)}")
+    if opts.format == "chat":
+        if opts.source is None or is_url(str(opts.source)) or Path(opts.source).is_dir():
+            problems.append("--format chat reads a local JSONL file: pass --source FILE")
+        if opts.tokenizer == "char" and opts.base_tokenizer is None:
+            problems.append("--format chat with a char tokenizer needs the base model's "
+                            "characters: pass --tokenizer_from CKPT (or its dataset folder)")
+    if opts.base_tokenizer is not None and (opts.tokenizer or opts.tokenizer_file):
+        problems.append("--tokenizer_from replaces --tokenizer / --tokenizer_file; give one")
     if opts.dataset is None and opts.source is None:
         problems.append(f"name a dataset ({', '.join(DATASETS)}) or pass --source PATH|URL")
     if opts.dataset is not None and opts.dataset not in DATASETS and opts.source is None:
@@ -200,7 +217,16 @@ def _fingerprint(opts: PrepareOptions, name: str) -> dict[str, Any]:
             "subset": opts.subset or (HUB_DATASETS[dataset].subsets[0]
                                       if dataset in HUB_DATASETS else None),
             "val_fraction": opts.effective_val_fraction, "max_tokens": opts.max_tokens,
-            "seed": opts.seed}
+            "seed": opts.seed, "format": opts.format,
+            "base_tokenizer": _spec_digest(opts.base_tokenizer)}
+
+
+def _spec_digest(spec: dict[str, Any] | None) -> str | None:
+    if spec is None:
+        return None
+    import json
+
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -457,3 +483,63 @@ def _finish_splits(plan: SourcePlan, writers: dict[str, SplitWriter], partial: P
                       "sha256": layout.sha256_file(train_path)},
             "val": {"file": val_path.name, "tokens": total - n_train,
                     "sha256": layout.sha256_file(val_path)}}
+
+
+def _base_tokenizer(opts: PrepareOptions) -> Tokenizer:
+    if opts.base_tokenizer is not None:
+        from .tokenizers import tokenizer_from_spec
+
+        return tokenizer_from_spec(opts.base_tokenizer, opts.base_tokenizer_folder)
+    return create_tokenizer(opts.tokenizer, opts.tokenizer_file)
+
+
+def _build_chat(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
+                fingerprint: dict[str, Any], start: float) -> dict[str, Any]:
+    """A chat dataset: conversations split train / val whole, tokens + mask + offsets."""
+    from . import chat
+
+    base = _base_tokenizer(opts)
+    source = Path(opts.source).expanduser()
+    conversations = chat.read_conversations(source)
+    with_system = any(m.role == "system" for c in conversations for m in c)
+    tokenizer = chat.chat_tokenizer(base, with_system)
+    tokenizer.save_files(partial)
+    dtype = layout.dtype_for_vocab(tokenizer.vocab_size)
+    to_val = chat.split_conversations(len(conversations), opts.effective_val_fraction,
+                                      opts.seed)
+    try:
+        encoded = [chat.encode_conversation(tokenizer, c) for c in conversations]
+    except LlmctlError as err:
+        raise LlmctlError(f"{source}: {err}") from None
+    splits = {}
+    for split, wanted in (("train", False), ("val", True)):
+        rows = (e for e, v in zip(encoded, to_val, strict=True) if bool(v) == wanted)
+        splits[split] = chat.write_split(partial, split, rows, dtype)
+    if splits["train"]["targets"] == 0:
+        raise LlmctlError(f"{source}: the train split has no assistant tokens to learn")
+    checksums = {entry["file"]: entry["sha256"] for entry in splits.values()}
+    meta = {
+        "format": layout.FORMAT_VERSION,
+        "dataset": name,
+        "name": name,
+        "source": str(source),
+        "data_format": "chat",
+        "tokenizer": tokenizer.spec,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "special_tokens": dict(tokenizer.added_ids),
+        "chat_template": "per message: <|ROLE|> content <|endofturn|>; end-of-text after the "
+                         "conversation; targets: assistant content and its <|endofturn|>",
+        "dtype": dtype,
+        "byte_order": "little",
+        "max_token_id": int(max(max(e[0]) for e in encoded)),
+        "splits": splits,
+        "split_policy": "heldout conversations",
+        "checksums": {"algorithm": "sha256", **checksums},
+        "options": fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - start, 3),
+        "llmctl_version": __version__,
+    }
+    write_json_atomic(partial / layout.META_FILE, meta)  # last: the dataset is whole
+    return meta

@@ -202,6 +202,67 @@ class TiktokenTokenizer(Tokenizer):
             write_bytes_atomic(folder / self.spec["file"], self.rank_bytes)
 
 
+class ExtendedTokenizer(Tokenizer):
+    """A base tokenizer plus special tokens appended after its vocabulary (chat roles).
+
+    Ordinary text never produces them (their strings stay text); `token_id` gives their ids.
+    """
+
+    def __init__(self, base: Tokenizer, added: Iterable[str]) -> None:
+        added = list(added)
+        if not added or len(set(added)) != len(added) or not all(
+                isinstance(t, str) and t for t in added):
+            raise LlmctlError("added_tokens must be a non-empty list of distinct strings")
+        self.base, self.added = base, added
+        self.kind = base.kind
+        self.spec = {**base.spec, "added_tokens": added}
+        self.vocab_size = base.vocab_size + len(added)
+        self.eot_id = base.eot_id
+        self.added_ids = {t: base.vocab_size + i for i, t in enumerate(added)}
+
+    def token_id(self, token: str) -> int:
+        if token not in self.added_ids:
+            raise LlmctlError(f"the tokenizer has no special token {token!r} (it has "
+                              f"{', '.join(self.added)})")
+        return self.added_ids[token]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self.base.encode_array(text)
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        first = self.base.vocab_size
+        out, run = [], []
+        for i in map(int, ids):
+            if first <= i < self.vocab_size:
+                out.append(self.base.decode(run))
+                out.append(self.added[i - first])
+                run = []
+            else:
+                run.append(i)
+        out.append(self.base.decode(run))
+        return "".join(out)
+
+    def save_files(self, folder: Path) -> None:
+        self.base.save_files(folder)
+
+
+def tokenizer_extension(base: dict[str, Any], new: dict[str, Any]) -> list[str] | None:
+    """The special tokens `new` appends to `base` ([] when equal); None when `new` is not
+    `base` (or `base` followed by more added tokens)."""
+    strip = ("added_tokens",)
+    core_a = {k: v for k, v in base.items() if k not in strip}
+    core_b = {k: v for k, v in new.items() if k not in strip}
+    if not same_tokenizer(core_a, core_b):
+        return None
+    old, more = list(base.get("added_tokens") or []), list(new.get("added_tokens") or [])
+    if more[:len(old)] != old:
+        return None
+    return more[len(old):]
+
+
 def _utf8(text: str) -> bytes:
     try:
         return text.encode("utf-8")
@@ -372,6 +433,9 @@ def tokenizer_files(spec: dict[str, Any]) -> list[str]:
 
 
 def describe_spec(spec: dict[str, Any]) -> str:
+    if spec.get("added_tokens"):
+        base = describe_spec({k: v for k, v in spec.items() if k != "added_tokens"})
+        return f"{base} + {len(spec['added_tokens'])} special tokens"
     kind = spec.get("kind")
     if kind == "tiktoken":
         return f"tiktoken:{spec.get('name')}"
@@ -384,6 +448,9 @@ def tokenizer_from_spec(spec: dict[str, Any], folder: str | Path | None = None) 
     """Rebuild the tokenizer a meta.json / checkpoint config records; files are under `folder`."""
     if not isinstance(spec, dict):
         raise LlmctlError(f"a tokenizer spec must be a JSON object, not {type(spec).__name__}")
+    if spec.get("added_tokens"):
+        base = {k: v for k, v in spec.items() if k != "added_tokens"}
+        return ExtendedTokenizer(tokenizer_from_spec(base, folder), spec["added_tokens"])
     kind = spec.get("kind")
     if kind == "byte":
         return ByteTokenizer()
@@ -434,6 +501,8 @@ def _tiktoken_from_spec(spec: dict[str, Any], folder: Path | None) -> Tokenizer:
 
 def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two tokenizer specs give the same token ids (file locations do not matter)."""
+    if list(a.get("added_tokens") or []) != list(b.get("added_tokens") or []):
+        return False
     if a.get("kind") != b.get("kind"):
         return False
     if a.get("kind") == "char":

@@ -88,6 +88,10 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
         tokens = dataset.tokens(request.split)
         name = dataset.folder.name
         source = f"dataset {name} ({request.split}) in {dataset.folder.parent}"
+        if request.full and dataset.is_chat:
+            raise LlmctlError(f"dataset {name} is chat data: --full walks token windows and "
+                              "would score the user's turns too; evaluate it with random "
+                              "conversation batches (drop --full)")
         if request.full:
             result = full_split_loss(model, tokens, block_size, batch_size, autocast(),
                                      name=f"split {request.split!r} of dataset {name}")

@@ -68,7 +68,15 @@ def load_checkpoint(path: str | os.PathLike, device: str = "auto",
     if tokenizer.vocab_size > vocab:
         raise CheckpointError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens but "
                               f"the model only {vocab} (vocab_size); they do not belong together")
-    model, info = load_model(info.path, device=str(precision.device))
+    if info.raw.get("adapter"):
+        # a LoRA checkpoint: its base (hash-checked) + the adapter, merged in memory
+        from ..runtime.base_weights import build_adapted
+
+        model, _ = build_adapted(info.path, info)
+        model.to(precision.device)
+        model.eval()
+    else:
+        model, info = load_model(info.path, device=str(precision.device))
     return LoadedCheckpoint(model=model, info=info, tokenizer=tokenizer, precision=precision)
 
 

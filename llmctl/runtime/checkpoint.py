@@ -74,17 +74,23 @@ def _dedupe_tied(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str
     return kept, aliases
 
 
-def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.Tensor],
+def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.Tensor] | None,
                     run: RunConfig, step: int, metrics: Mapping[str, Any] | None = None,
                     tokenizer: Mapping[str, Any] | None = None, files: Iterable[Path] = (),
                     optimizer_state: Mapping[str, Any] | None = None,
-                    trainer_state: Mapping[str, Any] | None = None) -> Path:
+                    trainer_state: Mapping[str, Any] | None = None,
+                    tensor_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                    json_files: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically; the previous one at `path` survives any crash.
 
     Written into a hidden temp folder, then swapped in with renames. Between the two renames
     the previous checkpoint lives on as `.NAME.old`: readers (`resolve_checkpoint`) read it
     in place, and the next save, the only renamer, puts it back first.
-    `files` (e.g. tokenizer rank files) are copied in beside the weights.
+    `files` (e.g. tokenizer rank files) are copied in beside the weights. An adapter
+    checkpoint passes `state_dict=None` (no model.safetensors) and its adapter as
+    `tensor_files` / `json_files` ({file name: content}); `extra` adds keys to config.json
+    (e.g. where the run started).
     """
     import torch
     from safetensors import SafetensorError
@@ -99,9 +105,15 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
             os.replace(old, path)  # an earlier save stopped between its two renames
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        tensors, aliases = _dedupe_tied(state_dict)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={
-            "format": str(FORMAT), "aliases": json.dumps(aliases)})
+        if state_dict is not None:
+            tensors, aliases = _dedupe_tied(state_dict)
+            save_file(tensors, str(tmp / WEIGHTS), metadata={
+                "format": str(FORMAT), "aliases": json.dumps(aliases)})
+        for name, content in (tensor_files or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in content.items()},
+                      str(tmp / name))
+        for name, content in (json_files or {}).items():
+            write_json_atomic(tmp / name, content)
         for src in files:
             shutil.copyfile(src, tmp / Path(src).name)
         if optimizer_state is not None:
@@ -116,6 +128,7 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
             "metrics": dict(metrics or {}),
             "tokenizer": dict(tokenizer) if tokenizer is not None else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **dict(extra or {}),
         })
         mode = 0o666 & ~_umask()  # safetensors writes 0600; give every file the usual mode
         for name in os.listdir(tmp):

@@ -20,7 +20,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
+        # no_weight_decay: e.g. an embedding of which only a few rows train (LoRA with new
+        # tokens), whose other rows must stay bitwise
+        decayed = param.dim() >= 2 and not getattr(param, "no_weight_decay", False)
+        (decay if decayed else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

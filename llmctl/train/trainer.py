@@ -21,6 +21,7 @@ from ..runtime.checkpoint import save_checkpoint
 from ..runtime.device import Precision
 from ..runtime.distributed import DistEnv
 from .data import TrainingData, open_training_data
+from .finetune import StartWeights, load_start_weights
 from .flops import mfu, peak_flops
 from .metrics import METRICS_FILE, Console, MetricsFile
 from .optim import LRSchedule, build_optimizer, set_lr
@@ -75,6 +76,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.resumed_from: Path | None = None
         self.lock = RunFolderLock(self.run_dir)
+        self.start = StartWeights(None, None, None)  # init_from / LoRA bookkeeping
 
     # ------------------------------------------------------------------ setup
 
@@ -104,10 +106,14 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)  # every rank builds the same initial weights
         self.raw_model = LLM(self.run.model, act_recomp=self.cfg.act_recomp)
-        if ckpt is not None:
+        if ckpt is not None and not self.cfg.lora:
             from ..runtime.checkpoint import load_weights
 
             load_weights(ckpt, self.raw_model)
+            self.start = StartWeights(info.raw.get("init_from"), None, None)
+        elif ckpt is not None or self.cfg.init_from:
+            self.start = load_start_weights(self.raw_model, self.cfg, self.data.dataset,
+                                            ckpt, info)
         self.raw_model.to(self.device)
         # wrap first: FSDP swaps in sharded parameters, which the optimizer must hold
         compile_model = (self.device.type == "cuda" if self.cfg.compile is None
@@ -172,7 +178,8 @@ class Trainer:
         opt_state, state = load_training_state(ckpt)
         if opt_state is None or not state:
             raise LlmctlError(f"cannot resume from {ckpt}: it has no optimizer / trainer "
-                              "state (only weights); start a new run to fine-tune from it")
+                              "state (only weights); start a new run from its weights "
+                              f"with --init_from {ckpt}")
         try:
             self.parallel.load_optimizer_state(self.raw_model, self.optimizer, opt_state)
             self.train_sampler.load_state_dict(state["sampler"])
@@ -217,6 +224,9 @@ class Trainer:
         # collectives: every rank takes part, rank 0 receives the full state
         state = self._trainer_state(sampler_state)
         weights = self.parallel.model_state(self.raw_model)
+        adapter = self.start.adapter_files(self.raw_model, self.cfg)
+        if adapter:
+            weights = None  # an adapter checkpoint: the base stays where it is
         optimizer_state = self.parallel.optimizer_state(self.raw_model, self.optimizer)
         error = None
         if self.env.is_main:
@@ -225,7 +235,8 @@ class Trainer:
                                 step=self.step, metrics=metrics,
                                 tokenizer=self.data.tokenizer_spec,
                                 files=self.data.tokenizer_files,
-                                optimizer_state=optimizer_state, trainer_state=state)
+                                optimizer_state=optimizer_state, trainer_state=state,
+                                extra=self.start.config_record(), **adapter)
             except LlmctlError as err:
                 error = str(err)
         error = dist_utils.broadcast_json(error)
@@ -428,7 +439,13 @@ class Trainer:
             return
         n = sum(p.numel() for p in self.raw_model.parameters())
         head = (f"resumed from {self.resumed_from} at step {self.step}"
-                if self.resumed_from else "training from scratch")
+                if self.resumed_from else f"fine-tuning from {self.start.init['path']}"
+                if self.start.init else "training from scratch")
+        if self.start.tuner is not None:
+            trainable = self.start.trainable_params(self.raw_model)
+            self.console.info(f"LoRA rank {self.cfg.lora_rank} on {self.cfg.lora_targets}: "
+                              f"{trainable:,} trainable / {n:,} total parameters "
+                              f"({100 * trainable / n:.2f}%)")
         self.console.info(
             f"{head}: {n / 1e6:.2f}M parameters on {self.device} ({self.precision.name}), "
             f"{self.env.world_size} process(es), {self.cfg.total_batch_size} tokens/step = "

@@ -102,3 +102,50 @@ def llmctl_train(cli_args: Callable[[dict[str, Any]], list[str]]) -> Callable[..
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+CHAT = [
+    {"messages": [{"role": "user", "content": "Good morrow!"},
+                  {"role": "assistant", "content": "Well met, friend."}]},
+    {"messages": [{"role": "user", "content": "What is the opposite of day?"},
+                  {"role": "assistant", "content": "Night."},
+                  {"role": "user", "content": "And of up?"},
+                  {"role": "assistant", "content": "Down."}]},
+] * 6
+
+
+@pytest.fixture(scope="session")
+def finetune_base(char_dataset, tmp_path_factory) -> dict:
+    """A trained base checkpoint on the char dataset `tiny`, and a chat dataset with its
+    tokenizer plus the three chat tokens (so the vocabulary grows by 3)."""
+    from llmctl.config import load_config
+    from llmctl.data.loader import PreparedDataset
+    from llmctl.data.prepare import PrepareOptions, prepare_dataset
+    from llmctl.train.trainer import train
+
+    data = char_dataset("tiny", CORPUS_CHARS)
+    root = tmp_path_factory.mktemp("init_base")
+    # vocab_size exactly the tokenizer's: the chat tokens must grow it
+    flags = {**TINY, "data_dir": str(data), "out_dir": str(root / "runs"), "max_iters": 4,
+             "file_name": "base", "save_model": True,
+             "vocab_size": PreparedDataset(data / "tiny").vocab_size}
+    train(load_config(overrides=flags), verbose=False)
+    chat_file = root / "chat.jsonl"
+    chat_file.write_text("".join(json.dumps(r) + "\n" for r in CHAT), encoding="utf-8")
+    meta = PreparedDataset(data / "tiny").meta
+    prepare_dataset(PrepareOptions(source=str(chat_file), name="chat", data_dir=data,
+                                   format="chat", base_tokenizer=meta["tokenizer"],
+                                   base_tokenizer_folder=data / "tiny", progress=False))
+    return {"ckpt": root / "runs" / "base" / "latest", "data": data, "out": root / "runs"}
+
+
+
+def finetune_flags(base: dict, **extra: Any) -> dict[str, Any]:
+    """Flags of a run starting from the base (the architecture comes from it)."""
+    flags = {k: v for k, v in TINY.items() if k not in ("n_layer", "n_embd", "n_head",
+                                                        "n_kv_heads", "block_size",
+                                                        "vocab_size", "up_dim")}
+    return {**flags, "data_dir": str(base["data"]), "out_dir": str(base["out"]),
+            "init_from": str(base["ckpt"]), **extra}

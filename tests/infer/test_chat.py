@@ -1,0 +1,71 @@
+"""llmctl chat: piped stdin answers each turn and exits; the history is cropped from the
+oldest turn; checkpoints without chat tokens are refused."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from llmctl.cli import app
+from llmctl.core.errors import LlmctlError
+from llmctl.data.chat import Message
+from llmctl.infer.chat import ChatSession
+from llmctl.infer.load import load_checkpoint
+from llmctl.infer.sample import SampleSettings
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(finetune_base):
+    """A full fine-tune of the base on the chat data (2 steps: the template, not quality)."""
+    from llmctl.train.resume import resolve_run_config
+    from llmctl.train.trainer import train
+
+    from ..train.conftest import finetune_flags
+
+    run = resolve_run_config([], finetune_flags(finetune_base, dataset="chat", max_iters=2,
+                                                file_name="chat_full", save_model=True))
+    return train(run, verbose=False).run_dir / "latest"
+
+
+@pytest.fixture(scope="module")
+def finetune_base(char_dataset, tmp_path_factory):
+    from ..train import conftest
+
+    return conftest.finetune_base.__wrapped__(char_dataset, tmp_path_factory)
+
+
+def test_chat_through_stdin_answers_twice_and_exits(chat_ckpt):
+    result = CliRunner().invoke(app, ["chat", str(chat_ckpt), "--seed", "3",
+                                      "--max_new_tokens", "12", "--device", "cpu"],
+                                input="Good morrow!\n/reset\nAnd of up?\n/exit\nnot read\n")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    users = [line for line in lines if line.startswith("user: ")]
+    answers = [line for line in lines if line.startswith("assistant: ")]
+    assert users == ["user: Good morrow!", "user: And of up?"]
+    assert len(answers) == 2
+    assert "not read" not in result.stdout
+    # same seed, same replies
+    again = CliRunner().invoke(app, ["chat", str(chat_ckpt), "--seed", "3",
+                                     "--max_new_tokens", "12", "--device", "cpu"],
+                               input="Good morrow!\n/reset\nAnd of up?\n")
+    assert again.exit_code == 0 and again.stdout == result.stdout
+
+
+def test_the_history_is_cropped_from_the_oldest_turn(chat_ckpt):
+    loaded = load_checkpoint(chat_ckpt, device="cpu")
+    session = ChatSession(loaded, SampleSettings(max_new_tokens=8, temperature=0, seed=0))
+    session.history = [Message("user", "a" * 6), Message("assistant", "b" * 6)] * 4
+    session.history.append(Message("user", "last"))
+    ids = session.prompt_ids()
+    assert len(ids) <= loaded.block_size - 8
+    assert session.cropped_turns > 0
+    text = loaded.tokenizer.decode(ids)
+    assert text.endswith("<|user|>last<|endofturn|><|assistant|>")
+    assert text.startswith("<|")  # whole turns were dropped, not a cut in the middle
+
+
+def test_a_checkpoint_without_chat_tokens_is_refused(finetune_base):
+    loaded = load_checkpoint(finetune_base["ckpt"], device="cpu")
+    with pytest.raises(LlmctlError, match="not trained on chat data"):
+        ChatSession(loaded, SampleSettings())
