@@ -49,8 +49,9 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def _read_bounded(f: IO[bytes], limit: int) -> bytes | None:
-    """At most `limit` bytes of `f`, or None when there are more."""
+def _read_bounded(f: IO[Any], limit: int) -> bytes | str | None:
+    """At most `limit` bytes of `f` (characters, for a text stream), or None when there are
+    more."""
     parts, size = [], 0
     while size <= limit:
         chunk = f.read(min(_CHUNK, limit + 1 - size))
@@ -58,7 +59,9 @@ def _read_bounded(f: IO[bytes], limit: int) -> bytes | None:
             break
         parts.append(chunk)
         size += len(chunk)
-    return None if size > limit else b"".join(parts)
+    if size > limit:
+        return None
+    return "".join(parts) if parts and isinstance(parts[0], str) else b"".join(parts)
 
 
 def read_user_file(path: str | os.PathLike, what: str, limit: int, *,
@@ -101,7 +104,7 @@ def read_user_file(path: str | os.PathLike, what: str, limit: int, *,
                 raise UserFileError(label, f"cannot be read: {err.strerror or err}") from None
     if data is None:
         raise UserFileError(label, f"is larger than {human_bytes(limit)}, the limit for a {what}")
-    if not text:
+    if not text or isinstance(data, str):  # a text stream (a test's StringIO) is decoded
         return data
     try:
         return data.decode("utf-8-sig")

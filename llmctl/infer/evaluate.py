@@ -121,9 +121,10 @@ def _trained_world_size(folder: Path) -> int:
 
 
 def _read_text(path: str) -> str:
-    from .load import read_text_file
+    from ..core.files import EVAL_TEXT_LIMIT, read_user_file
 
-    text = read_text_file(path, "text file")
+    # held whole (then tokenized); a larger corpus is `prepare`d and evaluated as a dataset
+    text = read_user_file(path, "text file", EVAL_TEXT_LIMIT)
     if not text:
         raise LlmctlError(f"text file {path} is empty")
     return text
