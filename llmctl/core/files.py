@@ -40,7 +40,8 @@ class UserFileError(LlmctlError):
         super().__init__(f"{label} {reason}")
 
 
-def _kind_of(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What an st_mode names, for messages: 'a folder', 'a character device', ..."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISSOCK, "a socket")):
@@ -87,7 +88,7 @@ def read_user_file(path: str | os.PathLike, what: str, limit: int, *,
         except OSError as err:
             raise UserFileError(label, f"cannot be read: {err.strerror or err}") from None
         if not stat.S_ISREG(info.st_mode):
-            raise UserFileError(label, f"is {_kind_of(info.st_mode)}, not a regular file")
+            raise UserFileError(label, f"is {file_kind(info.st_mode)}, not a regular file")
         try:
             # O_NONBLOCK: should the name turn into a FIFO after the stat, open still returns
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
@@ -97,7 +98,7 @@ def read_user_file(path: str | os.PathLike, what: str, limit: int, *,
         with os.fdopen(fd, "rb") as f:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
-                raise UserFileError(label, f"is {_kind_of(mode)}, not a regular file")
+                raise UserFileError(label, f"is {file_kind(mode)}, not a regular file")
             try:
                 data = _read_bounded(f, limit)
             except OSError as err:

@@ -113,6 +113,7 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
     from .decode import stream_tokens
 
     settings.check()
+    _check_memory(loaded, len(prompt.ids))
     if settings.seed is None:
         settings.seed = secrets.randbits(63)
     tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
@@ -149,6 +150,18 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
                 on_text(index, piece)
         yield Sample(index=index, text="".join(pieces), token_ids=ids,
                      stop_reason=stop_reason, seconds=seconds)
+
+
+def _check_memory(loaded: LoadedCheckpoint, prompt_tokens: int) -> None:
+    """Samples are drawn one after the other (batch 1): the prompt's forward pass and a full
+    KV cache must fit, however many samples are asked for."""
+    from ..model.costs import inference_bytes
+    from ..runtime.device import check_fits
+
+    need = inference_bytes(loaded.info.run.model, 1, max(1, prompt_tokens),
+                           act_bytes=loaded.precision.dtype.itemsize, all_logits=False,
+                           kv_cache=True)
+    check_fits(need, loaded.device, "sampling", "use a smaller model or another --device")
 
 
 def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:
