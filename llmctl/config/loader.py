@@ -150,7 +150,7 @@ def _read_file(raw: _Raw, path: Path) -> None:
         raw.problem(label, f"invalid YAML{where}: {reason}", None)
         return
     except RecursionError:
-        raw.problem(label, f"is nested too deeply (more than {MAX_DEPTH} levels)", None)
+        raw.problem(label, f"is nested more than {MAX_DEPTH} levels deep", None)
         return
     # PyYAML shares aliased objects, so an alias bomb loads cheaply; the bound counts each
     # use of an alias and refuses it before anything walks or renders the expanded value
@@ -177,10 +177,11 @@ def _parse_jsonl(raw: _Raw, text: str, label: str) -> list[Any] | None:
             ok = False
             continue
         except RecursionError:
-            layer = None
-            raw.problem(f"{label}:{lineno}", f"is nested too deeply (more than {MAX_DEPTH} "
-                        "levels)", None)
-        if layer is None or not _bounded(raw, layer, f"{label}:{lineno}", None):
+            raw.problem(f"{label}:{lineno}", f"is nested more than {MAX_DEPTH} levels deep",
+                        None)
+            ok = False
+            continue
+        if not _bounded(raw, layer, f"{label}:{lineno}", None):
             ok = False
             continue
         layers.append(layer)
@@ -248,7 +249,7 @@ def _resolve_layer_source(raw: _Raw, name: str, value: Any, origin: str,
                         origin)
             return None
         except RecursionError:
-            raw.problem(key, f"is nested too deeply (more than {MAX_DEPTH} levels)", origin)
+            raw.problem(key, f"is nested more than {MAX_DEPTH} levels deep", origin)
             return None
         if not _bounded(raw, value, key, origin):
             return None

@@ -38,7 +38,7 @@ def loads_json(text: str, what: str) -> Any:
     try:
         data = json.loads(text)
     except RecursionError:
-        raise LlmctlError(f"{what} is nested too deeply (more than {MAX_DEPTH} levels)") from None
+        raise LlmctlError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     problem = structure_problem(data)
     if problem:
         raise LlmctlError(f"{what} {problem}")
