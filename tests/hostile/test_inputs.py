@@ -267,7 +267,7 @@ BROKEN = {
 CONFIG_ROWS = ["step_lots", "step_negative", "metrics_string", "tokenizer_list"]
 
 
-@pytest.mark.parametrize("row", CONFIG_ROWS)
+@pytest.mark.parametrize("row", ["step_lots"])  # the issue's row; the class in-process below
 def test_bad_config_json_in_sample_eval_inspect(broken, row):
     edits, needle = BROKEN[row]
     ckpt = broken(**edits)
@@ -343,3 +343,15 @@ def test_every_bad_temperature_is_refused(temperature):
     check_sampling(0.0, None, None)
     check_sampling(1e-3, 5, 0.5)
     check_sampling(100.0, None, 1.0)
+
+
+@pytest.mark.parametrize("row", CONFIG_ROWS)
+def test_every_bad_config_json_is_named(broken, row):
+    """read_checkpoint is what sample, eval, inspect-params and resume all read through."""
+    from llmctl.core.errors import LlmctlError
+    from llmctl.runtime.checkpoint import read_checkpoint
+
+    edits, needle = BROKEN[row]
+    with pytest.raises(LlmctlError) as caught:
+        read_checkpoint(broken(**edits))
+    assert needle in str(caught.value)
