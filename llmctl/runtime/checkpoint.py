@@ -207,7 +207,7 @@ def read_checkpoint_json(file: Path) -> Any:
         text = read_user_file(file, "checkpoint file", CHECKPOINT_JSON_LIMIT)
         return loads_json(text, str(file))
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON (line {err.lineno}, column "
+        raise CheckpointError(f"{file} is not JSON (at line {err.lineno}, column "
                               f"{err.colno}: {err.msg}); the checkpoint is damaged") from None
     except LlmctlError as err:
         raise CheckpointError(str(err)) from None
