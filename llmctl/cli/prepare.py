@@ -107,7 +107,7 @@ def prepare(
         metavar="COUNT", help="Stop after this many tokens in all (e.g. 50M, 10B)."),
     num_proc: int | None = typer.Option(
         None, "--num_proc", min=1, rich_help_panel=_TOKENS, show_default=False,
-        help="Tokenizer worker processes (default: CPUs, at most 8)."),
+        help="Tokenizer worker processes (default: CPUs, at most 8; capped at the CPUs)."),
     seed: int = typer.Option(1337, "--seed", rich_help_panel=_TOKENS,
                              help="Seed of the held-out document split."),
     force: bool = typer.Option(False, "--force", "-f",
@@ -116,8 +116,12 @@ def prepare(
     as_json: bool = typer.Option(False, "--json", help="Print the dataset's meta.json."),
 ) -> None:
     """Tokenize a dataset into DATA_DIR/NAME/{train.bin,val.bin,meta.json}."""
+    from ..data.pipeline import usable_cores
     from ..data.prepare import PrepareOptions, prepare_dataset
 
+    if num_proc is not None and num_proc > usable_cores():
+        typer.echo(f"note: --num_proc {num_proc} is more than the {usable_cores()} usable CPU "
+                   f"cores; starting {usable_cores()} tokenizer processes", err=True)
     with user_errors(), _sigterm_cleans_up():
         base_spec, base_folder = (_tokenizer_of(tokenizer_from) if tokenizer_from
                                   else (None, None))

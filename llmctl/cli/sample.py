@@ -33,8 +33,8 @@ def sample(
         300, "--max_new_tokens", min=0, rich_help_panel=_SAMPLING,
         help="Tokens to generate per sample (fewer when end-of-text stops it)."),
     temperature: float = typer.Option(
-        0.9, "--temperature", "-t", min=0.0, rich_help_panel=_SAMPLING,
-        help="Softmax temperature; 0 = greedy (argmax)."),
+        0.9, "--temperature", "-t", rich_help_panel=_SAMPLING,
+        help="Softmax temperature: 0 = greedy (argmax), else 0.001 to 100."),
     top_k: int = typer.Option(
         200, "--top_k", min=0, rich_help_panel=_SAMPLING,
         help="Sample among the k most likely tokens only (0 = off)."),

@@ -7,6 +7,7 @@ import typing
 from types import UnionType
 from typing import Any
 
+from ..core.errors import preview
 from .arith import parse_int_expression
 
 MAX_INT = 2**53
@@ -37,8 +38,7 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return preview(value)  # never renders more than a few dozen characters of the value
 
 
 def coerce(name: str, annotation: Any, value: Any) -> Any:
@@ -109,7 +109,7 @@ def _to_int(name: str, value: Any) -> int:
     elif not isinstance(value, int):
         raise CoercionError(f"expected an integer, got {_show(value)}")
     if abs(value) > MAX_INT:
-        raise CoercionError(f"{value} is too large")
+        raise CoercionError(f"{_show(value)} is too large")
     return value
 
 

@@ -12,7 +12,9 @@ from typing import Any
 
 import yaml
 
-from ..core.errors import ConfigError, Problem, did_you_mean
+from ..core.bounds import MAX_DEPTH, structure_problem
+from ..core.errors import ConfigError, Problem, did_you_mean, preview
+from ..core.files import CONFIG_FILE_LIMIT, UserFileError, read_user_file
 from .coerce import CoercionError, coerce, field_types
 from .schema import (
     BLOCK_FIELDS,
@@ -34,7 +36,7 @@ SECTION_KEYS = {
 }
 FLAT_KEYS = sorted(SECTION_KEYS["model"] - {"layers"} | SECTION_KEYS["train"])
 _NULLABLE_TOP = {"model", "train", "layers", *FLAT_KEYS}  # keys where null = not set
-MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_FILE_BYTES = CONFIG_FILE_LIMIT
 
 _TYPES = {"model": field_types(LLMConfig), "block": field_types(BlockConfig),
           "train": field_types(TrainConfig)}
@@ -97,34 +99,28 @@ def _env_world_size() -> int:
 # ---------------------------------------------------------------- reading sources
 
 
-def _read_text(raw: _Raw, path: Path) -> str | None:
+def _read_text(raw: _Raw, path: Path, what: str = "config file") -> str | None:
     label = str(path)
     try:
-        if not path.exists():
-            raw.problem(label, "no such file", None)
-            return None
-        if path.is_dir():
-            raw.problem(label, "is a directory, not a config file", None)
-            return None
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raw.problem(label, f"file is larger than {MAX_FILE_BYTES >> 20} MiB", None)
-            return None
-        data = path.read_bytes()
-    except OSError as err:
-        raw.problem(label, f"cannot read file: {err.strerror or err}", None)
+        text = read_user_file(path, what, MAX_FILE_BYTES)
+    except UserFileError as err:
+        raw.problem(label, err.reason, None)
         return None
-    if b"\x00" in data:
+    if "\x00" in text:
         raw.problem(label, "is a binary file, not a YAML/JSON/JSONL config", None)
-        return None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raw.problem(label, "is not UTF-8 text", None)
         return None
     if not text.strip():
         raw.problem(label, "file is empty", None)
         return None
     return text
+
+
+def _bounded(raw: _Raw, data: Any, key: str, origin: str | None) -> bool:
+    """Whether parsed data is within the depth / size bounds (a problem recorded if not)."""
+    problem = structure_problem(data)
+    if problem:
+        raw.problem(key, problem, origin)
+    return problem is None
 
 
 def _read_file(raw: _Raw, path: Path) -> None:
@@ -155,7 +151,11 @@ def _read_file(raw: _Raw, path: Path) -> None:
         raw.problem(label, f"invalid YAML{where}: {reason}", None)
         return
     except RecursionError:
-        raw.problem(label, "is nested too deeply", None)
+        raw.problem(label, f"is nested more than {MAX_DEPTH} levels deep", None)
+        return
+    # PyYAML shares aliased objects, so an alias bomb loads cheaply; the bound counts each
+    # use of an alias and refuses it before anything walks or renders the expanded value
+    if not _bounded(raw, data, label, None):
         return
     if isinstance(data, list):
         raw.layers = (data, label)
@@ -172,10 +172,20 @@ def _parse_jsonl(raw: _Raw, text: str, label: str) -> list[Any] | None:
         if not line.strip():
             continue
         try:
-            layers.append(json.loads(line))
+            layer = json.loads(line)
         except json.JSONDecodeError as err:
             raw.problem(f"{label}:{lineno}", f"invalid JSON: {err.msg}", None)
             ok = False
+            continue
+        except RecursionError:
+            raw.problem(f"{label}:{lineno}", f"is nested more than {MAX_DEPTH} levels deep",
+                        None)
+            ok = False
+            continue
+        if not _bounded(raw, layer, f"{label}:{lineno}", None):
+            ok = False
+            continue
+        layers.append(layer)
     return layers if ok else None
 
 
@@ -234,12 +244,12 @@ def _resolve_layer_source(raw: _Raw, name: str, value: Any, origin: str,
     key = "model." + name.split(".")[-1]
     if name.endswith("layer_configs_jsonl"):
         if not isinstance(value, str):
-            raw.problem(key, f"expected a path to a JSONL file, got {value!r}", origin)
+            raw.problem(key, f"expected a path to a JSONL file, got {preview(value)}", origin)
             return None
         path = Path(value).expanduser()
         if not path.is_absolute() and origin != "flags":
             path = base_dir / path  # paths in a config file are relative to that file
-        text = _read_text(raw, path)
+        text = _read_text(raw, path, "layer file")
         layers = None if text is None else _parse_jsonl(raw, text, str(path))
         return None if layers is None else (layers, str(path))
     if isinstance(value, str):  # --layer_configs '[{...}, ...]'
@@ -248,6 +258,11 @@ def _resolve_layer_source(raw: _Raw, name: str, value: Any, origin: str,
         except json.JSONDecodeError as err:
             raw.problem(key, f"invalid JSON: {err.msg} (expected a JSON list of layer dicts)",
                         origin)
+            return None
+        except RecursionError:
+            raw.problem(key, f"is nested more than {MAX_DEPTH} levels deep", origin)
+            return None
+        if not _bounded(raw, value, key, origin):
             return None
     if isinstance(value, Mapping):
         value = [value]

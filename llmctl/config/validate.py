@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..core.errors import Problem, one_of
+from ..core.errors import Problem, one_of, preview
 from .schema import (
     ATTN_KINDS,
     DEVICE_CHOICES,
@@ -167,11 +167,11 @@ def _check_train(check: _Checker, run: RunConfig, world_size: int | None) -> Non
     if t.dtype not in DTYPES:
         check.add("train.dtype", one_of(t.dtype, DTYPES))
     if not DEVICE_NAMES.match(t.device):
-        check.add("train.device", f"{t.device!r} is not one of {DEVICE_CHOICES}")
+        check.add("train.device", f"{preview(t.device)} is not one of {DEVICE_CHOICES}")
     for name in ("dataset", "file_name"):
         value = getattr(t, name)
         if not SAFE_NAME.match(value):
-            check.add("train." + name, f"{value!r} must be a plain name (letters, digits, "
+            check.add("train." + name, f"{preview(value)} must be a plain name (letters, digits, "
                       "'.', '_', '-'; no '/')")
     if t.wandb_log and not t.wandb_project.strip():
         check.add("train.wandb_project", "must not be empty when wandb_log is on")

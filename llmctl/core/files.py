@@ -1,8 +1,12 @@
-"""Atomic writes: a file or folder appears whole under its final name, or not at all.
+"""Files in and out: bounded reads of files a user names, atomic writes of ours.
 
-Everything llmctl writes goes through here: the data goes to a temporary beside the target
-(same filesystem, so the rename is atomic), is flushed and fsynced, then renamed into place,
-and the parent folder is fsynced so the rename itself survives a crash.
+Reading: `read_user_file` is the one reader for user-named files (configs, layer files,
+prompts, eval text, JSON inside checkpoints). It refuses what is not a regular file (a
+device such as /dev/zero, a FIFO, a socket, a folder; symlinks are followed first), never
+blocks on open, reads at most `limit` bytes (st_size is not trusted) and names the file and
+the reason. Writing: the data goes to a temporary beside the target (same filesystem, so the
+rename is atomic), is flushed and fsynced, then renamed into place, and the parent folder is
+fsynced so the rename itself survives a crash.
 """
 
 from __future__ import annotations
@@ -10,10 +14,103 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import LlmctlError
+from .units import human_bytes
+
+# Documented limits of what `read_user_file` reads, per kind of file.
+CONFIG_FILE_LIMIT = 16 << 20  # YAML / JSON config files and JSONL layer files
+PROMPT_LIMIT = 16 << 20  # sample --prompt_file / stdin: far beyond any block_size
+EVAL_TEXT_LIMIT = 256 << 20  # eval --text: held whole; larger corpora go through prepare
+CHECKPOINT_JSON_LIMIT = 64 << 20  # config.json / trainer_state.json in a checkpoint
+_CHUNK = 1 << 20
+
+
+class UserFileError(LlmctlError):
+    """A user-named file that cannot be read: `label` names it, `reason` says why."""
+
+    def __init__(self, label: str, reason: str):
+        self.label, self.reason = label, reason
+        super().__init__(f"{label} {reason}")
+
+
+def file_kind(mode: int) -> str:
+    """What an st_mode names, for messages: 'a folder', 'a character device', ..."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_bounded(f: IO[Any], limit: int) -> bytes | str | None:
+    """At most `limit` bytes of `f` (characters, for a text stream), or None when there are
+    more."""
+    parts, size = [], 0
+    while size <= limit:
+        chunk = f.read(min(_CHUNK, limit + 1 - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        return None
+    return "".join(parts) if parts and isinstance(parts[0], str) else b"".join(parts)
+
+
+def read_user_file(path: str | os.PathLike, what: str, limit: int, *,
+                   allow_stdin: bool = False, text: bool = True,
+                   stdin: IO[Any] | None = None) -> str | bytes:
+    """The contents of a file the user named (`what` says which, e.g. "prompt file"):
+    UTF-8 text (a leading BOM dropped) or, with text=False, bytes.
+
+    Only regular files are read (symlinks followed); with `allow_stdin`, "-" reads standard
+    input, with the same bound. Anything else is an LlmctlError naming the file and why.
+    """
+    name = str(path)
+    if allow_stdin and name == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        data = _read_bounded(getattr(stream, "buffer", stream), limit)
+        label = f"{what} on stdin"
+    else:
+        label = f"{what} {name}"
+        try:
+            info = os.stat(name)
+        except FileNotFoundError:
+            raise UserFileError(label, "does not exist") from None
+        except OSError as err:
+            raise UserFileError(label, f"cannot be read: {err.strerror or err}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise UserFileError(label, f"is {file_kind(info.st_mode)}, not a regular file")
+        try:
+            # O_NONBLOCK: should the name turn into a FIFO after the stat, open still returns
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                         | getattr(os, "O_NOCTTY", 0))
+        except OSError as err:
+            raise UserFileError(label, f"cannot be read: {err.strerror or err}") from None
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise UserFileError(label, f"is {file_kind(mode)}, not a regular file")
+            try:
+                data = _read_bounded(f, limit)
+            except OSError as err:
+                raise UserFileError(label, f"cannot be read: {err.strerror or err}") from None
+    if data is None:
+        raise UserFileError(label, f"is larger than {human_bytes(limit)}, the limit for a {what}")
+    if not text or isinstance(data, str):  # a text stream (a test's StringIO) is decoded
+        return data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserFileError(label, f"is not UTF-8 text (bad byte at offset {err.start})") from None
 
 
 def temp_beside(path: Path, tag: str = "tmp") -> Path:

@@ -121,6 +121,21 @@ def default_start_method() -> str:
     return "spawn"
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(requested: int | None) -> int:
+    """Tokenizer processes to start: the request capped at the usable cores (more only
+    contend for them), by default the cores, at most 8."""
+    cores = usable_cores()
+    return min(requested, cores) if requested else min(8, cores)
+
+
 class TokenizerPool:
     """Encodes work items in order: in this process, or in `num_proc` worker processes.
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import LlmctlError, one_of
-from ..core.files import swap_folder, write_bytes_atomic, write_json_atomic
+from ..core.files import file_kind, swap_folder, write_bytes_atomic, write_json_atomic
 from . import layout
 from .chat import MASK_SUFFIX, OFFSETS_SUFFIX
 from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
-from .pipeline import SplitWriter, TokenizerPool, batch_pieces
+from .pipeline import SplitWriter, TokenizerPool, batch_pieces, worker_count
 from .progress import Progress
 from .registry import DATASETS, HUB_DATASETS
 from .sources.base import SourcePlan
@@ -158,6 +159,11 @@ def _check_options(opts: PrepareOptions) -> None:
     if opts.source is not None and not is_url(str(opts.source)) and not Path(
             opts.source).expanduser().exists():
         problems.append(f"--source {opts.source} does not exist")  # before any tokenizer
+    elif opts.source is not None and not is_url(str(opts.source)):
+        mode = os.stat(Path(opts.source).expanduser()).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # /dev/zero never ends
+            problems.append(f"--source {opts.source} is {file_kind(mode)}, not a regular "
+                            "file or a folder")
     if opts.val_fraction is not None and not 0 < opts.val_fraction < 1:
         problems.append(f"--val_fraction {opts.val_fraction} must be between 0 and 1")
     if opts.max_tokens is not None and opts.max_tokens < 2:
@@ -370,7 +376,7 @@ def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
         tokenizer = _fit_chars(plan, opts)
     tokenizer.save_files(partial)
     dtype = layout.dtype_for_vocab(tokenizer.vocab_size)
-    num_proc = opts.num_proc or min(8, os.cpu_count() or 1)
+    num_proc = worker_count(opts.num_proc)
     with TokenizerPool(tokenizer, partial, dtype, num_proc) as pool:
         writers = _tokenize(plan, pool, partial, dtype, opts, name)
     splits = _finish_splits(plan, writers, partial, opts.effective_val_fraction)

@@ -15,11 +15,20 @@ import torch
 
 from ..core.errors import LlmctlError
 
+# A temperature divides the logits: below this the softmax is greedy in all but name (and
+# 1e-45 turns logits into inf / NaN); above it the distribution is uniform noise.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Reject sampling settings that make no sense (a clear error, not a NaN later)."""
-    if not temperature >= 0:  # also catches NaN
-        raise LlmctlError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        # also catches NaN and inf
+        raise LlmctlError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                          f"{MAX_TEMPERATURE:g}], got {temperature}")
+    if isinstance(top_k, bool) or (top_k is not None and not isinstance(top_k, int)):
+        raise LlmctlError(f"top_k must be a whole number >= 0 (0 = off), got {top_k!r}")
     if top_k is not None and top_k < 0:
         raise LlmctlError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -107,7 +116,8 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
             yield token
             if (eot_id is not None and bool(done.all())) or step == max_new_tokens - 1:
                 return
-            context = torch.cat((context, token[:, None]), dim=1)
+            # only the last block_size tokens are ever fed again: memory stays bounded
+            context = torch.cat((context[:, -block_size:], token[:, None]), dim=1)
             cache = out.kv_cache
             if cache is not None and cache.length < block_size:
                 out = model(token[:, None], kv_cache=cache, last_logits_only=True)

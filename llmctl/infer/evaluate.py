@@ -79,6 +79,7 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
     if request.text_file is not None:
         text = _read_text(request.text_file)
         ids = np.asarray(loaded.tokenizer.encode(text), dtype=np.int64)
+        _check_memory(loaded, _windows_per_batch(len(ids), block_size, batch_size))
         result = full_split_loss(model, ids, block_size, batch_size, autocast(),
                                  name=f"text file {request.text_file}")
         source, method = f"text {request.text_file}", "whole text, block_size windows"
@@ -93,6 +94,7 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
                               "would score the user's turns too; evaluate it with random "
                               "conversation batches (drop --full)")
         if request.full:
+            _check_memory(loaded, _windows_per_batch(len(tokens), block_size, batch_size))
             result = full_split_loss(model, tokens, block_size, batch_size, autocast(),
                                      name=f"split {request.split!r} of dataset {name}")
             method = "whole split, block_size windows"
@@ -101,6 +103,7 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
             # the trainer's seeds: the same batches it saw
             seed = (request.seed if request.seed is not None
                     else eval_seed(train.seed, request.split))
+            _check_memory(loaded, batch_size)
             sampler = dataset.random_batches(request.split, batch_size, block_size, seed)
             loss = estimate_loss(model, sampler, iters, autocast())
             result = LossResult(loss=loss, tokens=iters * batch_size * block_size)
@@ -111,23 +114,35 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, request: EvalRequest) -> EvalR
                       seconds=time.perf_counter() - start)
 
 
+def _windows_per_batch(num_tokens: int, block_size: int, batch_size: int) -> int:
+    """The largest batch a whole-sequence pass builds: no more windows than there are."""
+    return max(1, min(batch_size, (num_tokens - 1) // block_size))
+
+
+def _check_memory(loaded: LoadedCheckpoint, batch_size: int) -> None:
+    """Refuse a batch whose forward pass would not fit, before it is attempted."""
+    from ..model.costs import inference_bytes
+    from ..runtime.device import check_fits
+
+    need = inference_bytes(loaded.info.run.model, batch_size, loaded.block_size,
+                           act_bytes=loaded.precision.dtype.itemsize)
+    check_fits(need, loaded.device, f"eval with --batch_size {batch_size} (× block_size "
+               f"{loaded.block_size})", "use a smaller --batch_size")
+
+
 def _trained_world_size(folder: Path) -> int:
     """Data-parallel processes the checkpoint was trained with (1 when not recorded)."""
-    import json
+    from ..runtime.checkpoint import read_trainer_state
 
-    from ..runtime.checkpoint import TRAINER_STATE
-
-    try:
-        value = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))["world_size"]
-        return value if isinstance(value, int) and value >= 1 else 1
-    except (OSError, ValueError, KeyError, TypeError):
-        return 1
+    state = read_trainer_state(folder)  # validated: world_size is an int >= 1 if present
+    return int(state.get("world_size", 1)) if state else 1
 
 
 def _read_text(path: str) -> str:
-    from .load import read_text_file
+    from ..core.files import EVAL_TEXT_LIMIT, read_user_file
 
-    text = read_text_file(path, "text file")
+    # held whole (then tokenized); a larger corpus is `prepare`d and evaluated as a dataset
+    text = read_user_file(path, "text file", EVAL_TEXT_LIMIT)
     if not text:
         raise LlmctlError(f"text file {path} is empty")
     return text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import LlmctlError
@@ -14,24 +13,6 @@ if TYPE_CHECKING:
 
     from ..runtime.checkpoint import CheckpointInfo
     from ..runtime.device import Precision
-
-
-
-def read_text_file(path: str | os.PathLike, what: str) -> str:
-    """The UTF-8 text of a file the user named; a clear LlmctlError (naming `what`, e.g.
-    "prompt file") when it is missing, a folder, unreadable or not UTF-8."""
-    file = Path(path)
-    try:
-        return file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LlmctlError(f"{what} {file} does not exist") from None
-    except IsADirectoryError:
-        raise LlmctlError(f"{what} {file} is a folder") from None
-    except UnicodeDecodeError as err:
-        raise LlmctlError(f"{what} {file} is not UTF-8 text: {err}") from None
-    except OSError as err:
-        raise LlmctlError(f"cannot read {what} {file}: {err.strerror or err}") from None
-
 
 @dataclass
 class LoadedCheckpoint:

@@ -113,6 +113,7 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
     from .decode import stream_tokens
 
     settings.check()
+    _check_memory(loaded, len(prompt.ids))
     if settings.seed is None:
         settings.seed = secrets.randbits(63)
     tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
@@ -151,27 +152,31 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
                      stop_reason=stop_reason, seconds=seconds)
 
 
-def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:
-    """The prompt text: --prompt_file (a path, or "-" for stdin) wins over --prompt."""
-    import sys
+def _check_memory(loaded: LoadedCheckpoint, prompt_tokens: int) -> None:
+    """Samples are drawn one after the other (batch 1): the prompt's forward pass and a full
+    KV cache must fit, however many samples are asked for."""
+    from ..model.costs import inference_bytes
+    from ..runtime.device import check_fits
 
+    need = inference_bytes(loaded.info.run.model, 1, max(1, prompt_tokens),
+                           act_bytes=loaded.precision.dtype.itemsize, all_logits=False,
+                           kv_cache=True)
+    check_fits(need, loaded.device, "sampling", "use a smaller model or another --device")
+
+
+def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:
+    """The prompt text: --prompt_file (a path, or "-" for stdin) wins over --prompt. Either
+    is read with the prompt bound (core.files.PROMPT_LIMIT); a file must be a regular one."""
     if prompt_file is None:
         if prompt == "-":
             prompt_file = "-"
         else:
             return prompt
-    if prompt_file == "-":
-        stream = stdin if stdin is not None else sys.stdin
-        try:
-            text = stream.read()
-        except UnicodeDecodeError as err:
-            raise LlmctlError(f"the prompt on stdin is not UTF-8 text: {err}") from None
-        where = "stdin"
-    else:
-        from .load import read_text_file
+    from ..core.files import PROMPT_LIMIT, read_user_file
 
-        text = read_text_file(prompt_file, "prompt file")
-        where = f"prompt file {prompt_file}"
+    text = read_user_file(prompt_file, "prompt file", PROMPT_LIMIT, allow_stdin=True,
+                          stdin=stdin)
+    where = "the prompt on stdin" if prompt_file == "-" else f"prompt file {prompt_file}"
     if not text:
         raise LlmctlError(f"{where} is empty (no prompt text); to start from end-of-text, "
                           "pass --prompt ''")

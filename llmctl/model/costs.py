@@ -216,3 +216,24 @@ def inspect_model(cfg: LLMConfig, train: TrainConfig | None = None,
     if train is not None:
         report["memory"] = memory_estimate(cfg, train, total, activation_bytes)
     return report
+
+
+# ---------------------------------------------------------------- inference memory
+
+
+def inference_bytes(cfg: LLMConfig, batch_size: int, tokens: int, act_bytes: int = 4,
+                    all_logits: bool = True, kv_cache: bool = False) -> dict[str, int]:
+    """Peak bytes, beyond the weights, of one no-grad forward of (batch_size, tokens): the
+    residual stream and the widest block's intermediates, the logits (B×T×V at `act_bytes`,
+    their fp32 copy and log-softmax for the loss; B×V when only the last position's are
+    kept) and, with `kv_cache`, the cache of a full block_size context."""
+    per_token = (2 * cfg.n_embd + max(_block_activations(b, cfg) for b in cfg.layers))
+    activations = batch_size * tokens * per_token * act_bytes
+    logit_rows = batch_size * (tokens if all_logits else 1)
+    logits = logit_rows * cfg.vocab_size * (act_bytes + (8 if all_logits else 4))
+    cache = 0
+    if kv_cache:
+        numbers = sum(kv_numbers_per_token(b, cfg) for b in cfg.layers)
+        cache = 2 * batch_size * cfg.block_size * numbers * act_bytes  # grows by doubling
+    return {"activations": activations, "logits": logits, "kv_cache": cache,
+            "total": activations + logits + cache}

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..config import ConfigError, RunConfig, load_config
+from ..core.bounds import loads_json
 from ..core.errors import LlmctlError
-from ..core.files import swap_folder, write_json_atomic
+from ..core.files import CHECKPOINT_JSON_LIMIT, read_user_file, swap_folder, write_json_atomic
+from .checkpoint_data import check_config_json, check_trainer_state
 
 if TYPE_CHECKING:
     import torch
@@ -212,19 +214,36 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                           "best/ or latest/ checkpoint inside)")
 
 
+def read_checkpoint_json(file: Path) -> Any:
+    """A JSON file of a checkpoint, read with the bound for checkpoint JSON (size, depth)."""
+    try:
+        text = read_user_file(file, "checkpoint file", CHECKPOINT_JSON_LIMIT)
+        return loads_json(text, str(file))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not JSON (at line {err.lineno}, column "
+                              f"{err.colno}: {err.msg}); the checkpoint is damaged") from None
+    except LlmctlError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any] | None:
+    """The validated trainer_state.json of a checkpoint folder (None when it has none)."""
+    file = folder / TRAINER_STATE
+    if not file.exists() and not file.is_symlink():
+        return None
+    state = read_checkpoint_json(file)
+    check_trainer_state(state, file)
+    return state
+
+
 def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """Config, step, metrics and tokenizer spec of a checkpoint (weights are not read)."""
     folder = resolve_checkpoint(path)
-    try:
-        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{folder / CONFIG} is unreadable or not JSON: {err}") from None
+    raw = read_checkpoint_json(folder / CONFIG)
     if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
         raise CheckpointError(f"{folder / CONFIG} has no 'config' section; not an llmctl "
                               "checkpoint")
-    if raw.get("format", FORMAT) > FORMAT:
-        raise CheckpointError(f"{folder} was written by a newer llmctl (format "
-                              f"{raw.get('format')}); upgrade llmctl to read it")
+    check_config_json(raw, folder / CONFIG, FORMAT)
     try:
         run = load_config(raw["config"], check_batch_split=False)
     except ConfigError as err:
@@ -298,10 +317,5 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict | None, dict]:
             optimizer_state = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
         except Exception as err:  # weights_only refuses anything but tensors and containers
             raise CheckpointError(f"{folder / OPTIMIZER} cannot be read safely: {err}") from None
-    trainer_state: dict = {}
-    if (folder / TRAINER_STATE).is_file():
-        try:
-            trainer_state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{folder / TRAINER_STATE} is unreadable: {err}") from None
+    trainer_state = read_trainer_state(folder) or {}
     return optimizer_state, trainer_state

@@ -105,3 +105,41 @@ def activation_bytes(device: str, dtype: str) -> int:
         kind = "cuda" if torch.cuda.is_available() else (
             "mps" if torch.backends.mps.is_available() else "cpu")
     return resolve_dtype(dtype, torch.device(kind)).itemsize
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes a new allocation may still take on `device`, where that number comes from);
+    None when it cannot be told. CPU: MemAvailable, and the address-space limit if set."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory on {device}"
+    import resource
+
+    found: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm", encoding="ascii") as f:
+                used = int(f.read().split()[0]) * resource.getpagesize()
+            found.append((max(0, soft - used), "the address-space limit (ulimit -v) left"))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else (None, "unknown")
+
+
+def check_fits(need: dict[str, int], device: torch.device, what: str, advice: str) -> None:
+    """Refuse work whose memory estimate (`need`: parts and 'total') exceeds what `device`
+    has available, naming the estimate, its parts and the available memory."""
+    from ..core.units import human_bytes
+
+    available, source = available_memory(device)
+    if available is None or need["total"] <= available:
+        return
+    parts = ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in need.items()
+                      if k != "total" and v)
+    raise LlmctlError(f"{what} needs about {human_bytes(need['total'])} ({parts}), but only "
+                      f"{human_bytes(available)} is available ({source}); {advice}")

@@ -173,13 +173,16 @@ class Trainer:
         return Path(found) if found else None
 
     def _restore(self, ckpt: Path, info: Any) -> dict[str, Any]:
-        from ..runtime.checkpoint import load_training_state
+        from ..runtime.checkpoint import OPTIMIZER, load_training_state
+        from ..runtime.checkpoint_data import check_optimizer_state
 
-        opt_state, state = load_training_state(ckpt)
+        opt_state, state = load_training_state(ckpt)  # trainer_state.json validated there
         if opt_state is None or not state:
             raise LlmctlError(f"cannot resume from {ckpt}: it has no optimizer / trainer "
                               "state (only weights); start a new run from its weights "
                               f"with --init_from {ckpt}")
+        # before load_state_dict: a state tensor of the wrong shape can crash the process
+        check_optimizer_state(opt_state, self.raw_model, self.optimizer, ckpt / OPTIMIZER)
         try:
             self.parallel.load_optimizer_state(self.raw_model, self.optimizer, opt_state)
             self.train_sampler.load_state_dict(state["sampler"])

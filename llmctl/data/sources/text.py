@@ -7,11 +7,14 @@ BPE tokenizer splits the text.
 from __future__ import annotations
 
 import codecs
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from ...core.errors import LlmctlError
+from ...core.files import file_kind
 from .base import PIECE_CHARS, STRUCTURED_SUFFIXES, TEXT_SUFFIXES, Piece, SourcePlan, Stream
 from .structured import structured_file_pieces
 
@@ -43,10 +46,24 @@ def safe_cut(text: str, end: int) -> int:
     return 0
 
 
+def _first_cut(text: str, start: int) -> int:
+    """The first safe cut point p >= start (0 when there is none yet)."""
+    match = _CUT.search(text, max(1, start))
+    return match.start() if match else 0
+
+
+# A cut point needs two characters on each side: the last ones may still become one.
+_CUT_CONTEXT = 2
+
+
 def text_file_pieces(path: Path, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
-    """The file as one document, in pieces cut at `safe_cut` points; units = bytes."""
+    """The file as one document, in pieces cut at `safe_cut` points; units = bytes.
+
+    Linear in the file's length even without cut points (one long line): text already
+    searched is never searched again (`scanned`)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     buffer, consumed, offset = "", 0, 0
+    scanned = 0  # buffer[:scanned] is known to hold no cut point beyond piece_chars
     try:
         with open(path, "rb") as f:
             while True:
@@ -60,12 +77,15 @@ def text_file_pieces(path: Path, piece_chars: int = PIECE_CHARS) -> Iterator[Pie
                 consumed += len(raw)
                 while len(buffer) > piece_chars:
                     # The last safe cut within piece_chars, else the first one beyond it.
-                    cut = (safe_cut(buffer, piece_chars) or safe_cut(buffer, len(buffer))
-                           or (len(buffer) if len(buffer) > _MAX_PIECE_CHARS else 0))
+                    cut = (0 if scanned else safe_cut(buffer, piece_chars)) or _first_cut(
+                        buffer, max(piece_chars, scanned - _CUT_CONTEXT))
+                    if not cut and len(buffer) > _MAX_PIECE_CHARS:
+                        cut = len(buffer)
                     if not cut:
-                        break  # read on until a safe cut appears
+                        scanned = len(buffer)  # read on until a safe cut appears
+                        break
                     yield buffer[:cut], False, consumed
-                    buffer, consumed = buffer[cut:], 0
+                    buffer, consumed, scanned = buffer[cut:], 0, 0
                 if not raw:
                     break
     except OSError as err:
@@ -92,6 +112,10 @@ def local_plan(source: Path, text_field: str, description: str | None = None) ->
     """A local file or folder as one stream, divided into train/val by the tail policy."""
     if not source.exists():
         raise LlmctlError(f"source {source} does not exist")
+    mode = os.stat(source).st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # /dev/zero never ends; a FIFO blocks
+        raise LlmctlError(f"source {source} is {file_kind(mode)}, not a regular file or a "
+                          "folder")
     files = _files_in(source) if source.is_dir() else [source]
     groups: list[tuple[str, list[Path]]] = []  # consecutive files of one kind, in order
     for path in files:
