@@ -137,7 +137,8 @@ def finetune_base(char_dataset, tmp_path_factory) -> dict:
     meta = PreparedDataset(data / "tiny").meta
     prepare_dataset(PrepareOptions(source=str(chat_file), name="chat", data_dir=data,
                                    format="chat", base_tokenizer=meta["tokenizer"],
-                                   base_tokenizer_folder=data / "tiny", progress=False))
+                                   base_tokenizer_folder=data / "tiny", progress=False,
+                                   force=True))  # the infer tests build a second base
     return {"ckpt": root / "runs" / "base" / "latest", "data": data, "out": root / "runs"}
 
 
