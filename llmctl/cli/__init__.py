@@ -6,6 +6,7 @@ import typer
 
 from .. import __version__
 from .eval_cmd import eval_cmd
+from .export import export
 from .inspect_params import inspect_params
 from .options import normalize_option
 from .prepare import prepare
@@ -33,6 +34,7 @@ app.command("train", help="Train a model (CPU, one GPU, or many through torchrun
 app.command("eval", help="Loss and perplexity of a checkpoint on a dataset split or text.")(
     eval_cmd)
 app.command("sample", help="Generate text from a checkpoint.")(sample)
+app.command("export", help="Write a checkpoint as a Hugging Face transformers folder.")(export)
 app.command("inspect-params", help="Parameters (total / active), FLOPs, KV-cache and memory "
             "estimates.")(inspect_params)
 
