@@ -11,6 +11,7 @@ from ._common import (
     checkpoint_argument,
     device_option,
     dtype_option,
+    load_for_inference,
     model_path_option,
     user_errors,
 )
@@ -52,7 +53,7 @@ def eval_cmd(
 ) -> None:
     """Mean loss (nats/token) and perplexity of a checkpoint, batched, without gradients."""
     from ..infer.evaluate import EvalRequest, evaluate_checkpoint
-    from ..infer.load import checkpoint_argument, load_checkpoint
+    from ..infer.load import checkpoint_argument
 
     with user_errors():
         path = checkpoint_argument(ckpt, model_path)
@@ -60,7 +61,7 @@ def eval_cmd(
                               text_file=str(text_file) if text_file is not None else None,
                               full=full, eval_iters=eval_iters, batch_size=batch_size, seed=seed)
         request.check()
-        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        loaded = load_for_inference(path, device=device, dtype=dtype)
         report = evaluate_checkpoint(loaded, request)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))

@@ -26,7 +26,7 @@ class Adapter:
     to_hf_config: Callable[[LLMConfig, int], dict[str, Any]]  # (config, vocab) -> config.json
     to_hf: Callable[[StateDict, LLMConfig], StateDict]
     from_hf_config: Callable[[dict[str, Any]], LLMConfig]  # raises LlmctlError when no fit
-    from_hf: Callable[[StateDict, LLMConfig], StateDict]
+    from_hf: Callable[[StateDict, LLMConfig, dict[str, Any]], StateDict]  # + config.json
 
 
 class ImportRefused(LlmctlError):

@@ -182,8 +182,6 @@ def _from_hf_config(hf: dict[str, Any], version: int) -> LLMConfig:
         found.append(f"topk_method={hf.get('topk_method')!r} (llmctl: greedy)")
     if version == 3 and k_dense < n_layer and hf.get("norm_topk_prob") is False:
         found.append("norm_topk_prob=false with sigmoid routing (llmctl normalises)")
-    if version == 3 and hf.get("num_nextn_predict_layers"):
-        found.append("multi-token-prediction layers (llmctl predicts one token)")
     refuse(f"DeepSeek-V{version}", found)
     attn = {"attn": "mla", "n_head": H, "n_kv_heads": H, "q_latent_dim": int(hf["q_lora_rank"]),
             "kv_latent_dim": int(hf["kv_lora_rank"]),
@@ -210,11 +208,13 @@ def _stack_experts(sd: StateDict, m: str, n: int) -> None:
     sd[m + "experts.down_proj"] = torch.stack([sd[p + "down_proj.weight"] for p in e])
 
 
-def _from_hf(sd: StateDict, config: LLMConfig, version: int) -> StateDict:
+def _from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any], version: int) -> StateDict:
     first = config.layers[0]
     H, hd, r, lat = first.n_head, config.n_embd // first.n_head, first.rope_head_dim, \
         first.kv_latent_dim
-    inv = _interleave(r).argsort() if version == 2 else torch.arange(r)
+    # V2 always rotates interleaved pairs; V3 unless rope_interleave=false (llmctl's exports)
+    interleaved = version == 2 or hf.get("rope_interleave", True)
+    inv = _interleave(r).argsort() if interleaved else torch.arange(r)
     sd = dict(sd)
     out = {"wte.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
     for i, layer in enumerate(config.layers):
@@ -254,7 +254,7 @@ def _adapter(version: int) -> Adapter:
     return Adapter(f"deepseek_v{version}", f"DeepseekV{version}ForCausalLM",
                    lambda c: _problems(c, version), lambda c, v: _to_hf_config(c, v, version),
                    lambda sd, c: _to_hf(sd, c, version), lambda hf: _from_hf_config(hf, version),
-                   lambda sd, c: _from_hf(sd, c, version))
+                   lambda sd, c, hf: _from_hf(sd, c, hf, version))
 
 
 V2 = _adapter(2)

@@ -96,7 +96,7 @@ def from_hf_config(hf: dict[str, Any]) -> LLMConfig:
                       layers=[BlockConfig(**vars(layer)) for _ in range(int(hf["n_layer"]))])
 
 
-def from_hf(sd: StateDict, config: LLMConfig) -> StateDict:
+def from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any]) -> StateDict:
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     nonzero = [k for k, v in sd.items() if k.endswith(".bias") and ".ln_" not in k
                and k.startswith("h.") and v.abs().max() > 0]

@@ -96,7 +96,7 @@ def from_hf_config(hf: dict[str, Any]) -> LLMConfig:
                       theta=theta, layers=layers)
 
 
-def from_hf(sd: StateDict, config: LLMConfig) -> StateDict:
+def from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any]) -> StateDict:
     import torch
 
     out = {"wte.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}

@@ -50,7 +50,7 @@ def from_hf_config(hf: dict[str, Any]) -> LLMConfig:
     return run.model
 
 
-def from_hf(sd: StateDict, config: LLMConfig) -> StateDict:
+def from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any]) -> StateDict:
     out = {k.removeprefix(PREFIX): v for k, v in sd.items()}
     out["lm_head.weight"] = out["wte.weight"]
     return out
