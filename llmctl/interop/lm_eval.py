@@ -131,7 +131,8 @@ class TaskResults:
         table = []
         for task, metrics in self.results.items():
             for key, value in metrics.items():
-                if "_stderr" in key or not isinstance(value, (int, float)) or key == "alias":
+                if "_stderr" in key or not isinstance(value, (int, float)) or \
+                        key in ("alias", "sample_len"):
                     continue
                 metric, _, filt = key.partition(",")
                 err = metrics.get(f"{metric}_stderr,{filt}")
@@ -161,7 +162,7 @@ def run_tasks(loaded: Any, tasks: list[str], *, num_fewshot: int | None = None,
     try:
         out = lm_eval.simple_evaluate(
             model=LlmctlLM(loaded, batch_size=batch_size), tasks=tasks, num_fewshot=num_fewshot,
-            limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0,
+            limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
     except (ConnectionError, OSError) as err:
