@@ -8,6 +8,7 @@ from .. import __version__
 from .chat import chat
 from .compare import compare
 from .eval_cmd import eval_cmd
+from .export import export
 from .inspect_params import inspect_params
 from .merge_lora import merge_lora
 from .options import normalize_option
@@ -41,6 +42,7 @@ app.command("chat", help="Chat with a checkpoint fine-tuned on chat data (TTY or
             "stdin).")(chat)
 app.command("merge-lora", help="Fold a LoRA checkpoint's adapter into a plain checkpoint.")(
     merge_lora)
+app.command("export", help="Write a checkpoint as a Hugging Face transformers folder.")(export)
 app.command("inspect-params", help="Parameters (total / active), FLOPs, KV-cache and memory "
             "estimates.")(inspect_params)
 app.command("sweep", help="Train a grid of configs (restartable), or write one command / a "

@@ -38,3 +38,14 @@ def device_option() -> typer.models.OptionInfo:
 def dtype_option() -> typer.models.OptionInfo:
     return typer.Option("auto", "--dtype", help="auto (bf16/fp16 autocast on CUDA, fp32 "
                         "elsewhere), float32, bfloat16 or float16.")
+
+
+def load_for_inference(path: str, device: str, dtype: str):
+    """A checkpoint / run folder, or `hf:PATH` (a transformers folder, through interop)."""
+    if path.startswith("hf:"):
+        from ..interop.hf_import import load_hf_checkpoint
+
+        return load_hf_checkpoint(path, device=device, dtype=dtype)
+    from ..infer.load import load_checkpoint
+
+    return load_checkpoint(path, device=device, dtype=dtype)

@@ -11,11 +11,13 @@ from ._common import (
     checkpoint_argument,
     device_option,
     dtype_option,
+    load_for_inference,
     model_path_option,
     user_errors,
 )
 
 _DATA = "Data"
+_BENCH = "Benchmarks (lm-eval)"
 
 
 def eval_cmd(
@@ -49,10 +51,28 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     device: str = device_option(),
     dtype: str = dtype_option(),
+    tasks: str | None = typer.Option(
+        None, "--tasks", show_default=False, rich_help_panel=_BENCH,
+        help="Comma-separated lm-evaluation-harness tasks (hellaswag,lambada_openai,...) "
+        "instead of loss / perplexity; needs the .[eval] extra."),
+    num_fewshot: int | None = typer.Option(
+        None, "--num_fewshot", min=0, show_default=False, rich_help_panel=_BENCH,
+        help="Few-shot examples per task (default: the task's)."),
+    limit: float | None = typer.Option(
+        None, "--limit", min=0, show_default=False, rich_help_panel=_BENCH,
+        help="Documents per task (a fraction when < 1)."),
+    include_path: Path | None = typer.Option(
+        None, "--include_path", show_default=False, rich_help_panel=_BENCH,
+        help="Folder of extra lm-eval task YAMLs (local-file tasks work offline)."),
 ) -> None:
-    """Mean loss (nats/token) and perplexity of a checkpoint, batched, without gradients."""
+    """Mean loss (nats/token) and perplexity of a checkpoint, batched, without gradients;
+    with --tasks, lm-eval benchmarks."""
+    if tasks is not None:
+        _benchmarks(ckpt, model_path, tasks, num_fewshot, limit, include_path, batch_size,
+                    as_json, device, dtype)
+        return
     from ..infer.evaluate import EvalRequest, evaluate_checkpoint
-    from ..infer.load import checkpoint_argument, load_checkpoint
+    from ..infer.load import checkpoint_argument
 
     with user_errors():
         path = checkpoint_argument(ckpt, model_path)
@@ -60,12 +80,45 @@ def eval_cmd(
                               text_file=str(text_file) if text_file is not None else None,
                               full=full, eval_iters=eval_iters, batch_size=batch_size, seed=seed)
         request.check()
-        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        loaded = load_for_inference(path, device=device, dtype=dtype)
         report = evaluate_checkpoint(loaded, request)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
         return
     _print_table(report)
+
+
+def _benchmarks(ckpt, model_path, tasks, num_fewshot, limit, include_path, batch_size,
+                as_json, device, dtype) -> None:
+    from ..infer.load import checkpoint_argument
+    from ..interop import require
+
+    with user_errors():
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not names:
+            from ..core.errors import LlmctlError
+
+            raise LlmctlError("--tasks needs at least one task name")
+        require("lm_eval")
+        from ..interop.lm_eval import run_tasks
+
+        path = checkpoint_argument(ckpt, model_path)
+        loaded = load_for_inference(path, device=device, dtype=dtype)
+        result = run_tasks(loaded, names, num_fewshot=num_fewshot, limit=limit,
+                           include_path=str(include_path) if include_path else None,
+                           batch_size=batch_size or 8)
+    if as_json:
+        typer.echo(json.dumps({"checkpoint": path, **result.to_dict()}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lm-eval of {path}", title_justify="left")
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column)
+    for task, metric, value, err in result.rows():
+        table.add_row(task, metric, f"{value:.4f}", "" if err is None else f"{err:.4f}")
+    Console().print(table)
 
 
 def _print_table(report) -> None:

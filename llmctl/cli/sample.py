@@ -13,6 +13,7 @@ from ._common import (
     checkpoint_argument,
     device_option,
     dtype_option,
+    load_for_inference,
     model_path_option,
     user_errors,
 )
@@ -57,7 +58,7 @@ def sample(
     dtype: str = dtype_option(),
 ) -> None:
     """Generate text from a checkpoint with its own tokenizer, using the KV cache."""
-    from ..infer.load import checkpoint_argument, load_checkpoint
+    from ..infer.load import checkpoint_argument
     from ..infer.sample import SampleSettings, encode_prompt, read_prompt
 
     with user_errors():
@@ -67,7 +68,7 @@ def sample(
                                   top_k=top_k or None, top_p=top_p, num_samples=num_samples,
                                   seed=seed, stop_at_eot=stop_at_eot)
         settings.check()
-        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        loaded = load_for_inference(path, device=device, dtype=dtype)
         tokens = encode_prompt(loaded.tokenizer, text, loaded.block_size)
         if tokens.dropped:
             typer.echo(f"warning: the prompt is {tokens.dropped + len(tokens.ids)} tokens, "

@@ -26,7 +26,8 @@ def invoke(*args: str):
 def test_help_lists_every_command_instantly():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("prepare", "validate-config", "train", "eval", "sample", "inspect-params"):
+    for command in ("prepare", "validate-config", "train", "eval", "sample", "export",
+                    "inspect-params"):
         assert command in result.output
     out = subprocess.run([sys.executable, "-c", "import sys, llmctl.cli; "
                           "print('torch' in sys.modules)"], capture_output=True, text=True)

@@ -1,0 +1,163 @@
+"""Import a local transformers folder (GPT-2, Llama, DeepSeek-V2/V3, or an llmctl export) as
+an llmctl config, state dict and tokenizer; refuse what llmctl's architecture space lacks.
+
+`load_hf(path)` is the library entry point (for `train --init_from hf:PATH`);
+`load_hf_checkpoint` gives `sample` / `eval` the same LoadedCheckpoint a checkpoint gives."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config.loader import load_config
+from ..config.schema import LLMConfig, RunConfig
+from ..core.errors import ConfigError, LlmctlError
+from . import deepseek, gpt2, llama, remote
+from .adapter import Adapter, ImportRefused, StateDict
+
+PREFIX = "hf:"
+ADAPTERS: dict[str, Adapter] = {"gpt2": gpt2.ADAPTER, "llama": llama.ADAPTER,
+                                "deepseek_v2": deepseek.V2, "deepseek_v3": deepseek.V3,
+                                "llmctl": remote.ADAPTER}
+
+
+@dataclass
+class HFModel:
+    path: Path
+    family: str
+    run: RunConfig  # model = the llmctl config; train = defaults
+    state_dict: StateDict  # llmctl names, ready for LLM(run.model).load_state_dict
+    tokenizer_spec: dict[str, Any]  # llmctl's spec, or {"kind": "hf", "path": ...}
+    tokenizer: Any  # an llmctl Tokenizer (interop.tokenizer.HFTokenizer for foreign ones)
+    step: int = 0
+
+    @property
+    def config(self) -> LLMConfig:
+        return self.run.model
+
+
+def is_hf_path(path: str | os.PathLike) -> bool:
+    return str(path).startswith(PREFIX)
+
+
+def hf_folder(path: str | os.PathLike) -> Path:
+    folder = Path(str(path).removeprefix(PREFIX)).expanduser()
+    if not (folder / "config.json").is_file():
+        raise LlmctlError(f"{folder} is not a transformers folder (no config.json); hf:PATH "
+                          "takes a local folder (download Hub models first)")
+    return folder
+
+
+def read_hf_weights(folder: Path) -> StateDict:
+    """model.safetensors, or the shards its index names; pickled weights are refused."""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = (f" ({', '.join(pickled)} is a pickle, which llmctl never loads; convert it "
+                "with transformers: model.save_pretrained(out, safe_serialization=True))"
+                if pickled else "")
+        raise LlmctlError(f"{folder} has no model.safetensors{hint}")
+    sd: StateDict = {}
+    for name in files:
+        try:
+            with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+                sd |= {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as err:
+            raise LlmctlError(f"{folder / name} is unreadable: {err}") from None
+    return sd
+
+
+def _tokenizer(folder: Path, hf: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    from ..data.tokenizers import tokenizer_from_spec
+
+    spec = hf.get("llmctl_tokenizer")
+    if isinstance(spec, dict):  # exported by llmctl: the exact tokenizer it trained with
+        return dict(spec), tokenizer_from_spec(spec, folder)
+    from .tokenizer import HFTokenizer
+
+    tok = HFTokenizer(folder)
+    return tok.spec, tok
+
+
+def load_hf(path: str | os.PathLike) -> HFModel:
+    """The llmctl model of a transformers folder: (config, state dict, tokenizer)."""
+    folder = hf_folder(path)
+    hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    kind = hf.get("model_type")
+    adapter = ADAPTERS.get(kind)
+    if adapter is None:
+        raise ImportRefused(f"{folder}: model type {kind!r} is not in llmctl's architecture "
+                            f"space (importable: {', '.join(ADAPTERS)})")
+    config = adapter.from_hf_config(hf)
+    model = dataclasses.asdict(config)
+    layers = model.pop("layers")
+    try:
+        run = load_config({"model": model, "layers": layers}, check_batch_split=False)
+    except ConfigError as err:
+        raise ImportRefused(f"{folder}: the translated config is invalid:\n{err}") from None
+    raw = read_hf_weights(folder)
+    embed = next((k for k in ("model.embed_tokens.weight", "transformer.wte.weight")
+                  if k in raw), None)
+    head = raw.get("lm_head.weight")
+    if head is not None and embed is not None and not head.equal(raw[embed]):
+        raise ImportRefused(f"{folder}: lm_head differs from the input embedding (llmctl ties "
+                            "them)")
+    try:
+        sd = adapter.from_hf(raw, run.model, hf)
+    except KeyError as err:
+        raise LlmctlError(f"{folder}: weight {err} is missing for a {kind} model") from None
+    _check_fits(sd, run.model, folder)
+    spec, tok = _tokenizer(folder, hf)
+    if tok.vocab_size > run.model.vocab_size:
+        raise LlmctlError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, the model "
+                          f"only {run.model.vocab_size}")
+    return HFModel(folder, adapter.name, run, sd, spec, tok, int(hf.get("llmctl_source_step", 0)))
+
+
+def _check_fits(sd: StateDict, config: LLMConfig, folder: Path) -> None:
+    import torch
+
+    from ..model import LLM
+
+    with torch.device("meta"):
+        expected = LLM(config).state_dict()
+    problems = [f"missing {k}" for k in expected if k not in sd]
+    problems += [f"{k}: {tuple(sd[k].shape)} where llmctl needs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if problems:
+        raise LlmctlError(f"{folder}: weights do not fit the translated config:\n  "
+                          + "\n  ".join(problems[:10]))
+    for k in list(sd):
+        if k not in expected:
+            del sd[k]  # e.g. transformers' non-persistent rotary tables saved by old versions
+        else:
+            sd[k] = sd[k].to(expected[k].dtype)
+
+
+def load_hf_checkpoint(path: str | os.PathLike, device: str = "auto", dtype: str = "auto"):
+    """`hf:PATH` as a LoadedCheckpoint (eval mode, on the device) for sample and eval."""
+    from ..infer.load import LoadedCheckpoint
+    from ..model import LLM
+    from ..runtime.checkpoint import CheckpointInfo
+    from ..runtime.device import precision_for
+
+    precision = precision_for(device, dtype)
+    imported = load_hf(path)
+    model = LLM(imported.config)
+    model.load_state_dict(imported.state_dict, strict=True)
+    model.to(precision.device).eval()
+    info = CheckpointInfo(path=imported.path, run=imported.run, step=imported.step,
+                          tokenizer=imported.tokenizer_spec,
+                          raw={"hf_family": imported.family})
+    return LoadedCheckpoint(model=model, info=info, tokenizer=imported.tokenizer,
+                            precision=precision)

@@ -1,0 +1,195 @@
+"""hf:PATH import: llmctl exports come back exactly; models saved by transformers itself
+import and match their own logits; what llmctl cannot represent is refused with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmctl.cli import app
+
+transformers = pytest.importorskip("transformers")
+
+from .conftest import CHARS  # noqa: E402
+from .test_export import CASES  # noqa: E402
+
+ROUND_TRIP = ["gpt2", "llama_gqa", "deepseek_v2_moe", "deepseek_v3_moe", "remote_heterogeneous"]
+
+
+def _architecture(layer) -> dict:
+    """What shapes the forward pass (training-only MoE coefficients are not in config.json)."""
+    d = {k: v for k, v in vars(layer).items() if k not in ("n_kv_heads", "coeff", "alpha",
+                                                            "gamma")}
+    return {**d, "kv_heads": layer.kv_heads}
+
+
+def _logits(model, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx, use_cache=False).logits
+
+
+@pytest.mark.parametrize("case", ROUND_TRIP)
+def test_export_then_import_gives_the_original_logits(case, checkpoint, tmp_path):
+    from llmctl.interop.hf_export import export_checkpoint
+    from llmctl.interop.hf_import import load_hf
+    from llmctl.model import LLM
+    from llmctl.runtime.checkpoint import load_model
+
+    ckpt = checkpoint(CASES[case][0], vocab_pad=3)
+    export_checkpoint(ckpt, tmp_path / "hf")
+    imported = load_hf(f"hf:{tmp_path / 'hf'}")
+    original, info = load_model(ckpt)
+    assert imported.tokenizer_spec == info.tokenizer  # the exact llmctl tokenizer comes back
+    assert imported.config.vocab_size == original.config.vocab_size - 3
+    assert [_architecture(x) for x in imported.config.layers] == \
+        [_architecture(x) for x in original.config.layers]
+    model = LLM(imported.config).eval()
+    model.load_state_dict(imported.state_dict, strict=True)
+    # Weights come back bitwise, except the two DeepSeek matrices feeding the latent norms,
+    # which export scales by sqrt(0.1) for transformers' eps (1e-6 vs 1e-5) and import scales
+    # back: within an ulp or two.
+    V = imported.config.vocab_size
+    rescaled = ("attn.q_down.weight", "attn.kv_down.weight")
+    for name, want in original.state_dict().items():
+        got = imported.state_dict[name]
+        want = want[:V] if name in ("wte.weight", "lm_head.weight") else want
+        if case.startswith("deepseek") and name.endswith(rescaled):
+            torch.testing.assert_close(got, want, rtol=3e-7, atol=0)
+        else:
+            assert torch.equal(got, want), name
+    idx = torch.randint(0, V, (2, 20))
+    ours = _logits(original, idx)[..., :V]
+    exact = not case.startswith("deepseek")
+    torch.testing.assert_close(_logits(model, idx), ours, atol=0 if exact else 1e-5, rtol=0)
+
+
+def _char_tokenizer(folder: Path) -> None:
+    from llmctl.data.tokenizers import CharTokenizer
+    from llmctl.interop.tokenizer import hf_tokenizer
+
+    hf_tokenizer(CharTokenizer(CHARS)).save_pretrained(folder)
+
+
+V = len(CHARS) + 1
+HF_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+        kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy",
+        max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+        kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_group=1, topk_group=1, max_position_embeddings=32,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, routed_scaling_factor=1.0),
+}
+
+
+@pytest.mark.parametrize("family", list(HF_CONFIGS))
+def test_a_model_saved_by_transformers_imports_and_matches_its_logits(family, tmp_path):
+    from llmctl.interop.hf_import import load_hf_checkpoint
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[family]()).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if not name.endswith("bias"):  # llmctl has no linear biases: keep GPT-2's zero
+                p.normal_(0, 0.2) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.05 * torch.randn_like(buf))
+    hf.save_pretrained(tmp_path / "hf")
+    _char_tokenizer(tmp_path / "hf")
+    loaded = load_hf_checkpoint(f"hf:{tmp_path / 'hf'}", device="cpu")
+    assert loaded.info.raw["hf_family"] == family
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+    torch.testing.assert_close(_logits(loaded.model, idx), theirs, atol=1e-4, rtol=0)
+    assert loaded.tokenizer.encode("To be") == \
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("To be")
+
+
+def _save_hf(config, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    _char_tokenizer(folder)
+    return folder
+
+
+def _refusal(folder: Path) -> str:
+    result = CliRunner().invoke(app, ["sample", f"hf:{folder}", "--max_new_tokens", "2",
+                                      "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+def test_gpt2_with_biases_is_refused(tmp_path):
+    folder = _save_hf(HF_CONFIGS["gpt2"](), tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    sd["transformer.h.0.attn.c_attn.bias"] += 0.1
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    assert "transformer.h.0.attn.c_attn.bias is not zero" in _refusal(folder) or \
+        "h.0.attn.c_attn.bias is not zero" in _refusal(folder)
+
+
+def test_untied_llama_and_scaled_rope_are_refused(tmp_path):
+    config = HF_CONFIGS["llama"]()
+    config.tie_word_embeddings = False
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    out = _refusal(_save_hf(config, tmp_path / "hf"))
+    assert "RoPE scaling 'linear'" in out or "untied" in out
+
+
+def test_unknown_model_type_and_pickles_are_refused(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    assert "model type 'mamba' is not in llmctl's architecture space" in _refusal(folder)
+    (folder / "config.json").write_text(json.dumps(HF_CONFIGS["llama"]().to_dict()))
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    assert "is a pickle, which llmctl never loads" in _refusal(folder)
+    assert "not a transformers folder" in _refusal(tmp_path / "nowhere")
+
+
+def test_sample_and_eval_hf_path_equal_the_checkpoint(checkpoint, tmp_path):
+    from llmctl.interop.hf_export import export_checkpoint
+
+    # no padded rows: llmctl's own eval normalises over them, the export has none
+    ckpt = checkpoint(CASES["llama_gqa"][0])
+    export_checkpoint(ckpt, tmp_path / "hf")
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 4)
+
+    def run(*args: str) -> dict:
+        result = CliRunner().invoke(app, [*args, "--json", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    for target in (str(ckpt), f"hf:{tmp_path / 'hf'}"):
+        sample = run("sample", target, "--prompt", "To be", "--temperature", "0",
+                     "--max_new_tokens", "10", "--no_stop_at_eot")
+        evaluated = run("eval", target, "--text", str(text))
+        if target == str(ckpt):
+            want_ids, want_loss = sample["samples"][0]["token_ids"], evaluated["loss"]
+    assert sample["samples"][0]["token_ids"] == want_ids
+    assert evaluated["loss"] == pytest.approx(want_loss, abs=1e-6)
