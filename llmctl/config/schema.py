@@ -69,6 +69,10 @@ class BlockConfig:
         panel="MoE")
     gamma: float | None = _f(
         None, help="aux_free only: update speed of the per-expert routing bias.", panel="MoE")
+    qk_norm: bool = _f(
+        False, help="QK-norm: RMS-normalise each head's query and key (learned gains) before "
+        "RoPE and the dot product; bounds attention logits (every attention kind).",
+        panel="Attention")
 
     @property
     def kv_heads(self) -> int:
@@ -110,6 +114,13 @@ class LLMConfig:
     layers: list[BlockConfig] = _f(
         help="Per-layer block configs (filled from the flat flags when not given).",
         panel="Layers", factory=list)
+    tie_embeddings: bool = _f(True, help="Share the token embedding with the LM head (false: "
+                              "a separate head matrix).", panel="Model")
+    zero_init_proj: bool = _f(False, help="Initialise the residual output projections "
+                              "(attention and MLP/expert down projections) and an untied head "
+                              "to zero, so every block starts as the identity.", panel="Model")
+    logit_softcap: float | None = _f(None, help="Cap the LM logits smoothly at +-this value: "
+                                     "cap * tanh(logits / cap) (None/0: off).", panel="Model")
 
     def __post_init__(self) -> None:
         # A homogeneous model is the same list with equal entries.

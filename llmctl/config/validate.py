@@ -81,6 +81,8 @@ def _check_model(check: _Checker, run: RunConfig) -> None:
         check.add("model.rope_theta", f"must be > 0, got {m.rope_theta}")
     if m.init_std <= 0:
         check.add("model.init_std", f"must be > 0, got {m.init_std}")
+    if m.logit_softcap is not None and not m.logit_softcap >= 0:  # also catches NaN
+        check.add("model.logit_softcap", f"must be > 0 (or 0/None: off), got {m.logit_softcap}")
 
 
 def _check_block(check: _Checker, p: str, b: BlockConfig, run: RunConfig) -> None:
