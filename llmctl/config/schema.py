@@ -22,6 +22,7 @@ NON_LINEARITIES = (
 )
 GATED_NON_LINEARITIES = ("glu", "swiglu", "geglu", "reglu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
 DEVICE_NAMES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 
@@ -197,6 +198,16 @@ class TrainConfig:
     wandb_project: str = _f("llms", help="Weights & Biases project.", panel="Logging")
     wandb_run_name: str = _f(help="Weights & Biases run name (default: unix timestamp).",
                              panel="Logging", factory=_timestamp)
+    optimizer: str = _f("adamw", help="adamw, or muon: Muon (torch.optim.Muon, RMS matched "
+                        "to AdamW) for the 2-D weights inside the blocks, AdamW for embeddings, "
+                        "head, norms, biases, router and stacked experts.", panel="Training")
+    muon_lr: float | None = _f(None, help="Muon's peak learning rate (default learning_rate; "
+                               "follows the same warmup + cosine schedule).", panel="Training")
+    muon_momentum: float = _f(0.95, help="Muon's (Nesterov) momentum.", panel="Training")
+
+    @property
+    def muon_learning_rate(self) -> float:
+        return self.learning_rate if self.muon_lr is None else self.muon_lr
 
     @property
     def final_lr(self) -> float:
