@@ -83,7 +83,8 @@ def main() -> None:
         results[attn]["same_tokens"] = all(torch.equal(outputs["fast"], out)
                                            for out in outputs.values())
     emit({
-        "benchmark": "greedy decoding, batch 1, CPU fp32: fast step vs reference cache vs recompute",
+        "benchmark": "greedy decoding, batch 1, CPU fp32: fast step, reference cache, "
+                     "full recompute",
         "env": env,
         "dims": {"n_layer": args.n_layer, "n_embd": C, "n_head": H,
                  "block_size": args.block_size, "vocab_size": args.vocab_size,

@@ -16,7 +16,8 @@ MIXED = [
      "non_linearity": "swiglu", "n_exp": 5, "n_shared": 1, "n_act": 3, "coeff": 0.02},
     {"attn": "mla", "n_head": 2, "q_latent_dim": 16, "kv_latent_dim": 8, "rope_head_dim": 4,
      "moe": False, "up_dim": 16, "non_linearity": "relu2", "qk_norm": True},
-    {"attn": "mqa", "n_head": 8, "moe": False, "up_dim": 40, "non_linearity": "geglu", "qk_norm": True},
+    {"attn": "mqa", "n_head": 8, "moe": False, "up_dim": 40, "non_linearity": "geglu",
+     "qk_norm": True},
 ]
 
 
