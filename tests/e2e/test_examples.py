@@ -16,7 +16,7 @@ from llmctl.train.trainer import train
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 EXPECTED = {"gpt2_small", "llama_style", "mla_rope", "mla_moe", "moe_aux_loss", "cpu_tiny",
-            "heterogeneous"}
+            "heterogeneous", "cpu_fast"}
 
 
 def test_every_architecture_has_an_example() -> None:
