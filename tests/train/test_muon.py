@@ -98,7 +98,8 @@ def test_bad_muon_settings_are_config_errors() -> None:
 @pytest.mark.slow
 def test_muon_stop_and_resume_ends_like_an_uninterrupted_run(tiny) -> None:
     flags = tiny(max_iters=12, save_model=True, ckpt_interval=100, optimizer="muon",
-                 qk_norm=True, log_interval=4, learning_rate=0.01)
+                 qk_norm=True, tie_embeddings=False, zero_init_proj=True, log_interval=4,
+                 learning_rate=0.01)
     Trainer(load_config(overrides={**flags, "file_name": "ref"}), verbose=False).fit()
 
     stopped = Trainer(load_config(overrides={**flags, "file_name": "b"}), verbose=False)
