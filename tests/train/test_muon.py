@@ -58,8 +58,8 @@ def test_two_muon_steps_match_a_hand_computation() -> None:
         buf = mu * buf + (1 - mu) * g  # momentum (an EMA)
         update = _newton_schulz((1 - mu) * g + mu * buf)  # Nesterov
         expected = expected * (1 - lr * wd) - lr * 0.2 * math.sqrt(48) * update
-    # torch runs Newton-Schulz in bf16: agree to its precision (the update is ~0.03 per step)
-    assert (w.detach().double() - expected).abs().max() < 2e-3
+    # on CPU the Newton-Schulz iteration runs in fp32 (the update is ~0.03 per step)
+    assert (w.detach().double() - expected).abs().max() < 1e-5
     assert (w.detach().double() - w0).abs().max() > 0.02  # it did move
     # the embedding went to AdamW: two steps of about -lr * sign(grad), plus decay
     adamw_step = wte0 * (1 - 0.01 * 0.1) ** 2 - 2 * 0.01
