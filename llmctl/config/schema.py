@@ -22,6 +22,7 @@ NON_LINEARITIES = (
 )
 GATED_NON_LINEARITIES = ("glu", "swiglu", "geglu", "reglu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
 DEVICE_NAMES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 # LoRA target groups (runtime.lora maps them to module / parameter names)
@@ -72,6 +73,10 @@ class BlockConfig:
         panel="MoE")
     gamma: float | None = _f(
         None, help="aux_free only: update speed of the per-expert routing bias.", panel="MoE")
+    qk_norm: bool = _f(
+        False, help="QK-norm: RMS-normalise each head's query and key (learned gains) before "
+        "RoPE and the dot product; bounds attention logits (every attention kind).",
+        panel="Attention")
 
     @property
     def kv_heads(self) -> int:
@@ -113,6 +118,13 @@ class LLMConfig:
     layers: list[BlockConfig] = _f(
         help="Per-layer block configs (filled from the flat flags when not given).",
         panel="Layers", factory=list)
+    tie_embeddings: bool = _f(True, help="Share the token embedding with the LM head (false: "
+                              "a separate head matrix).", panel="Model")
+    zero_init_proj: bool = _f(False, help="Initialise the residual output projections "
+                              "(attention and MLP/expert down projections) and an untied head "
+                              "to zero, so every block starts as the identity.", panel="Model")
+    logit_softcap: float | None = _f(None, help="Cap the LM logits smoothly at +-this value: "
+                                     "cap * tanh(logits / cap) (None/0: off).", panel="Model")
 
     def __post_init__(self) -> None:
         # A homogeneous model is the same list with equal entries.
@@ -207,6 +219,16 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, help="Dropout on the LoRA input.", panel="Fine-tuning")
     lora_targets: str = _f("attention,mlp", help="Comma-separated groups that get adapters: "
                            + ", ".join(LORA_GROUPS) + ".", panel="Fine-tuning")
+    optimizer: str = _f("adamw", help="adamw, or muon: Muon (torch.optim.Muon, RMS matched "
+                        "to AdamW) for the 2-D weights inside the blocks, AdamW for embeddings, "
+                        "head, norms, biases, router and stacked experts.", panel="Training")
+    muon_lr: float | None = _f(None, help="Muon's peak learning rate (default learning_rate; "
+                               "follows the same warmup + cosine schedule).", panel="Training")
+    muon_momentum: float = _f(0.95, help="Muon's (Nesterov) momentum.", panel="Training")
+
+    @property
+    def muon_learning_rate(self) -> float:
+        return self.learning_rate if self.muon_lr is None else self.muon_lr
 
     @property
     def final_lr(self) -> float:

@@ -13,6 +13,7 @@ from .schema import (
     LORA_GROUPS,
     NON_LINEARITIES,
     NORMS,
+    OPTIMIZERS,
     POS_EMBS,
     BlockConfig,
     RunConfig,
@@ -82,6 +83,8 @@ def _check_model(check: _Checker, run: RunConfig) -> None:
         check.add("model.rope_theta", f"must be > 0, got {m.rope_theta}")
     if m.init_std <= 0:
         check.add("model.init_std", f"must be > 0, got {m.init_std}")
+    if m.logit_softcap is not None and not m.logit_softcap >= 0:  # also catches NaN
+        check.add("model.logit_softcap", f"must be > 0 (or 0/None: off), got {m.logit_softcap}")
 
 
 def _check_block(check: _Checker, p: str, b: BlockConfig, run: RunConfig) -> None:
@@ -164,6 +167,13 @@ def _check_train(check: _Checker, run: RunConfig, world_size: int | None) -> Non
         check.add("train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
     if t.peak_flops is not None and t.peak_flops <= 0:
         check.add("train.peak_flops", f"must be > 0, got {t.peak_flops}")
+    if t.optimizer not in OPTIMIZERS:
+        check.add("train.optimizer", one_of(t.optimizer, OPTIMIZERS))
+    elif t.optimizer == "muon" and t.fsdp:
+        check.add("train.optimizer", "muon needs whole matrices; use it without fsdp (DDP)")
+    if t.muon_lr is not None and not t.muon_lr > 0:
+        check.add("train.muon_lr", f"must be > 0, got {t.muon_lr}")
+    check.ratio("train.muon_momentum", t.muon_momentum, 0.0, 1.0, high_open=True)
     if t.dtype not in DTYPES:
         check.add("train.dtype", one_of(t.dtype, DTYPES))
     if not DEVICE_NAMES.match(t.device):

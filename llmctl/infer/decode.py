@@ -78,20 +78,23 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
                   temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, eot_id: int | None = None,
                   generator: torch.Generator | None = None,
-                  vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+                  vocab_limit: int | None = None, fast: bool = True) -> Iterator[torch.Tensor]:
     """Yield the next token ids, a (B,) tensor per step, for the (B, T) prompt `idx`.
 
     With eot_id, a row that produced it keeps yielding eot_id and the stream ends once
     every row has (the EOT itself is yielded). `generator` (on the model's device) makes
     sampling reproducible. `vocab_limit` (the tokenizer's size) keeps the padding ids of a
     padded vocabulary (e.g. 50304 > GPT-2's 50257) from ever being sampled. The model runs
-    in eval mode; its previous mode is restored.
+    in eval mode; its previous mode is restored. `fast` uses `fastpath.FastDecoder` where
+    the model allows it (same tokens; False: the model's own forward every step).
     """
+    from .fastpath import FastDecoder, supports
+
     check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
@@ -101,11 +104,21 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
     was_training = model.training
     model.eval()
     try:
-        context = idx
-        out = model(context[:, -block_size:], use_cache=True, last_logits_only=True)
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        B, T0 = idx.shape
+        # prompt + generated tokens, written in place: the cropped context once the window
+        # is full, without re-concatenating every step
+        history = idx.new_empty((B, T0 + max_new_tokens))
+        history[:, :T0] = idx
+        decoder = None
+        if fast and supports(model):
+            decoder = FastDecoder(model, total_tokens=min(T0, block_size) + max_new_tokens)
+            logits = decoder.prefill(idx[:, -block_size:])  # (B, V)
+            cache = decoder.cache
+        else:
+            out = model(idx[:, -block_size:], use_cache=True, last_logits_only=True)
+            logits, cache = out.logits[:, -1], out.kv_cache
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1]  # (B, V)
             if vocab_limit is not None and vocab_limit < logits.size(-1):
                 logits = logits.clone()
                 logits[:, vocab_limit:] = float("-inf")
@@ -116,13 +129,17 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
             yield token
             if (eot_id is not None and bool(done.all())) or step == max_new_tokens - 1:
                 return
-            # only the last block_size tokens are ever fed again: memory stays bounded
-            context = torch.cat((context[:, -block_size:], token[:, None]), dim=1)
-            cache = out.kv_cache
+            history[:, T0 + step] = token
             if cache is not None and cache.length < block_size:
-                out = model(token[:, None], kv_cache=cache, last_logits_only=True)
+                if decoder is not None:
+                    logits = decoder.step(token)
+                else:
+                    out = model(token[:, None], kv_cache=cache, last_logits_only=True)
+                    logits = out.logits[:, -1]
             else:  # window full: recompute on the cropped context, as a cache-less model would
-                out = model(context[:, -block_size:], use_cache=False, last_logits_only=True)
+                context = history[:, max(0, T0 + step + 1 - block_size):T0 + step + 1]
+                logits = model(context, use_cache=False, last_logits_only=True).logits[:, -1]
+                cache = None
     finally:
         model.train(was_training)
 
@@ -130,11 +147,11 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eot_id: int | None = None, generator: torch.Generator | None = None,
-             vocab_limit: int | None = None) -> torch.Tensor:
+             vocab_limit: int | None = None, fast: bool = True) -> torch.Tensor:
     """The prompt followed by up to max_new_tokens sampled tokens: (B, T + n)."""
     tokens = list(stream_tokens(model, idx, max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, eot_id=eot_id, generator=generator,
-                                vocab_limit=vocab_limit))
+                                vocab_limit=vocab_limit, fast=fast))
     if not tokens:
         return idx
     return torch.cat((idx, torch.stack(tokens, dim=1)), dim=1)

@@ -19,6 +19,9 @@ _MAX_PENDING_TOKENS = 8
 _REPLACEMENT = "\ufffd"
 
 
+MAX_NEW_TOKENS = 10_000_000  # tokens one sample may generate
+
+
 @dataclass
 class SampleSettings:
     max_new_tokens: int = 300
@@ -32,8 +35,9 @@ class SampleSettings:
     def check(self) -> None:
         from .decode import check_sampling
 
-        if self.max_new_tokens < 0:
-            raise LlmctlError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise LlmctlError(f"max_new_tokens must be in [0, {MAX_NEW_TOKENS:,}] (the token "
+                              f"history is kept in memory), got {self.max_new_tokens}")
         if self.num_samples < 1:
             raise LlmctlError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
@@ -103,10 +107,12 @@ def encode_prompt(tokenizer: Any, text: str, block_size: int) -> PromptTokens:
 
 def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: SampleSettings,
                      on_text: Callable[[int, str], None] | None = None) -> Iterator[Sample]:
-    """Sample `settings.num_samples` continuations of `prompt`, one after the other.
+    """Sample `settings.num_samples` continuations of `prompt`, decoded as one batch.
 
-    `on_text(index, piece)` receives each sample's text as it is generated. The KV cache is
-    used; with the same seed the samples are the same.
+    `on_text(index, piece)` receives each sample's text: sample 0's as it is generated, the
+    others' once the batch is done, just before each is yielded (so a reader sees them one
+    after the other). The KV cache is used; with the same seed the samples are the same.
+    Each sample's `seconds` is the batch's time.
     """
     import torch
 
@@ -119,37 +125,43 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
     tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
     eot_id = tokenizer.eot_id if settings.stop_at_eot else None
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    idx = torch.tensor([prompt.ids], dtype=torch.long, device=device)  # (1, T)
-    for index in range(settings.num_samples):
-        decoder = IncrementalDecoder(tokenizer.decode)
-        ids: list[int] = []
-        pieces: list[str] = []
-        stop_reason = "max_new_tokens"
-        start = time.perf_counter()
-        with loaded.precision.autocast():
-            for token in stream_tokens(model, idx, settings.max_new_tokens,
-                                       temperature=settings.temperature, top_k=settings.top_k,
-                                       top_p=settings.top_p, eot_id=eot_id,
-                                       generator=generator,
-                                       vocab_limit=tokenizer.vocab_size):
-                token_id = int(token[0])
+    n = settings.num_samples
+    idx = torch.tensor([prompt.ids] * n, dtype=torch.long, device=device)  # (N, T)
+    decoders = [IncrementalDecoder(tokenizer.decode) for _ in range(n)]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    stop_reasons = ["max_new_tokens"] * n
+    finished = [False] * n
+    start = time.perf_counter()
+    with loaded.precision.autocast():
+        for tokens in stream_tokens(model, idx, settings.max_new_tokens,
+                                    temperature=settings.temperature, top_k=settings.top_k,
+                                    top_p=settings.top_p, eot_id=eot_id, generator=generator,
+                                    vocab_limit=tokenizer.vocab_size):
+            for index, token_id in enumerate(tokens.tolist()):
+                if finished[index]:
+                    continue
                 if eot_id is not None and token_id == eot_id:
-                    stop_reason = "eot"
-                    break
-                ids.append(token_id)
-                piece = decoder.push(token_id)
+                    finished[index], stop_reasons[index] = True, "eot"
+                    continue
+                ids[index].append(token_id)
+                piece = decoders[index].push(token_id)
                 if piece:
-                    pieces.append(piece)
-                    if on_text is not None:
-                        on_text(index, piece)
-        seconds = time.perf_counter() - start
-        piece = decoder.flush()
+                    pieces[index].append(piece)
+                    if index == 0 and on_text is not None:
+                        on_text(0, piece)
+    seconds = time.perf_counter() - start
+    for index in range(n):
+        piece = decoders[index].flush()
         if piece:
-            pieces.append(piece)
-            if on_text is not None:
+            pieces[index].append(piece)
+            if index == 0 and on_text is not None:
+                on_text(0, piece)
+        if index and on_text is not None:
+            for piece in pieces[index]:
                 on_text(index, piece)
-        yield Sample(index=index, text="".join(pieces), token_ids=ids,
-                     stop_reason=stop_reason, seconds=seconds)
+        yield Sample(index=index, text="".join(pieces[index]), token_ids=ids[index],
+                     stop_reason=stop_reasons[index], seconds=seconds)
 
 
 def _check_memory(loaded: LoadedCheckpoint, prompt_tokens: int) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 from ..config.schema import BlockConfig
 from .cache import LayerCache
 from .mla import MultiHeadLatentAttention
+from .norm import NORM_EPS
 from .positional import Positions, apply_rope
 from .sdpa import causal_attention
 
@@ -30,6 +31,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.proj.weight.residual_out = True  # GPT-2 scaled init
         self.resid_drop = nn.Dropout(dropout)
+        # QK-norm: per-head RMSNorm of queries and keys (gains shared by the heads)
+        self.q_head_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS) if block.qk_norm else None
+        self.k_head_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS) if block.qk_norm else None
 
     def forward(self, x: torch.Tensor, pos: Positions,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -39,6 +43,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, kv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, kv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.q_head_norm is not None:
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
         if self.rope:
             cos, sin = pos.rope(hd)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -17,8 +17,9 @@ _MIN_ROWS = 64  # the first allocation holds at least this many tokens
 class LayerCache:
     """One layer's cached tensors; dim -2 of every tensor is time."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, reserve: int = 0):
         self.capacity = capacity
+        self.reserve = reserve  # the first allocation holds at least this many tokens
         self.length = 0
         self.buffers: list[torch.Tensor] = []
 
@@ -42,7 +43,7 @@ class LayerCache:
         return self.buffers[0].shape[-2] if self.buffers else 0
 
     def _grow(self, new: tuple[torch.Tensor, ...], end: int) -> None:
-        size = min(self.capacity, max(end, 2 * self.allocated, _MIN_ROWS))
+        size = min(self.capacity, max(end, 2 * self.allocated, _MIN_ROWS, self.reserve))
         grown = [x.new_empty((*x.shape[:-2], size, x.shape[-1])) for x in new]
         for old, buffer in zip(self.buffers, grown, strict=False):
             buffer[..., :self.length, :] = old[..., :self.length, :]
@@ -66,11 +67,14 @@ class LayerCache:
 
 
 class KVCache:
-    """Per-layer caches plus the number of tokens already processed (the next position)."""
+    """Per-layer caches plus the number of tokens already processed (the next position).
 
-    def __init__(self, n_layer: int, capacity: int):
+    `reserve`: tokens to allocate room for at once (a decoder that knows how many tokens it
+    will generate then never grows the buffers)."""
+
+    def __init__(self, n_layer: int, capacity: int, reserve: int = 0):
         self.capacity = capacity
-        self.layers = [LayerCache(capacity) for _ in range(n_layer)]
+        self.layers = [LayerCache(capacity, reserve) for _ in range(n_layer)]
 
     @property
     def length(self) -> int:

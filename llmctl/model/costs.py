@@ -85,8 +85,9 @@ def _layer_params(block: torch.nn.Module) -> dict[str, int]:
 def kv_numbers_per_token(block: BlockConfig, cfg: LLMConfig) -> int:
     """Numbers one layer caches per token (per sequence)."""
     if block.attn == "mla":
-        return int(block.kv_latent_dim) + (int(block.rope_head_dim or 0)
-                                           if cfg.pos_emb == "rope" else 0)
+        return (int(block.kv_latent_dim)
+                + (int(block.rope_head_dim or 0) if cfg.pos_emb == "rope" else 0)
+                + (block.n_head if block.qk_norm else 0))  # + one key scale per head
     return 2 * block.kv_heads * (cfg.n_embd // block.n_head)
 
 

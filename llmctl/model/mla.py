@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config.schema import BlockConfig
 from .cache import LayerCache
-from .norm import make_norm
+from .norm import NORM_EPS, make_norm
 from .positional import Positions, apply_rope
 from .sdpa import causal_attention
 
@@ -52,6 +52,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.proj = nn.Linear(H * hd, n_embd, bias=False)
         self.proj.weight.residual_out = True  # GPT-2 scaled init
         self.resid_drop = nn.Dropout(dropout)
+        # QK-norm over each head's whole query / key [nope | rope] (gains shared by the heads)
+        self.q_head_norm = nn.RMSNorm(hd + r, eps=NORM_EPS) if block.qk_norm else None
+        self.k_head_norm = nn.RMSNorm(hd + r, eps=NORM_EPS) if block.qk_norm else None
 
     @property
     def scale(self) -> float:
@@ -65,16 +68,22 @@ class MultiHeadLatentAttention(nn.Module):
         q = q.view(B, T, H, hd + r).transpose(1, 2)  # (B, H, T, hd + r)
         c, k_rope = self.kv_down(x).split([self.kv_latent_dim, r], dim=-1)
         c = self.kv_norm(c)  # (B, T, kv_latent)
+        if self.q_head_norm is not None:
+            q = self.q_head_norm(q)  # (B, H, T, hd + r), before RoPE as in the other kinds
         if r:
             cos, sin = pos.rope(r)
             q_nope, q_rope = q.split([hd, r], dim=-1)
             q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
-            k_rope = apply_rope(k_rope, cos, sin)  # (B, T, r)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None:
-            y = self._decompressed(q, c, k_rope, dropout_p)
+        if self.k_head_norm is not None:
+            y = self._qk_normed(q, c, k_rope, pos, cache, dropout_p)
         else:
-            y = self._absorbed(q, c, k_rope, cache, dropout_p)
+            if r:
+                k_rope = apply_rope(k_rope, cos, sin)  # (B, T, r)
+            if cache is None:
+                y = self._decompressed(q, c, k_rope, dropout_p)
+            else:
+                y = self._absorbed(q, c, k_rope, cache, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
         return self.resid_drop(self.proj(y))
 
@@ -104,4 +113,50 @@ class MultiHeadLatentAttention(nn.Module):
         # Values are the latent c; using the whole [c, k_rope] row keeps widths equal for the
         # fused kernel and the extra r output columns are dropped.
         o = causal_attention(q, kv, kv, dropout_p=dropout_p, scale=self.scale)[..., :lat]
+        return torch.einsum("bhtc,hdc->bhtd", o, w_uv)  # (B, H, T, hd)
+
+    def _qk_normed(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, pos: Positions,
+                   cache: LayerCache | None, dropout_p: float) -> torch.Tensor:
+        """QK-norm paths. k_rope arrives un-rotated: the key norm covers [k_nope_h | k_rope].
+
+        Absorbed, a head's normalised key is g * [W_uk,h c, k_rope] * s_h with the scalar
+        s_h = 1 / rms(key_h): the gain g moves into the query and s_h (one number per head
+        and token, cached next to the latent) scales the score, so the cache still holds no
+        per-head keys."""
+        B, T, _ = c.shape
+        H, hd, r, lat = self.n_head, self.head_dim, self.rope_dim, self.kv_latent_dim
+        gain = self.k_head_norm.weight
+        if cache is None:  # decompressed: per-head keys, normalised, then rotated
+            k, v = self.kv_up(c).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+            if r:
+                k = torch.cat((k, k_rope[:, None].expand(B, H, T, r)), dim=-1)
+            k = self.k_head_norm(k)  # (B, H, T, hd + r)
+            if r:
+                cos, sin = pos.rope(r)
+                k = torch.cat((k[..., :hd], apply_rope(k[..., hd:], cos, sin)), dim=-1)
+                v = F.pad(v, (0, r))
+            y = causal_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            return y[..., :hd]  # (B, H, T, hd)
+        w_uk, w_uv = self.kv_up.weight.view(2, H, hd, lat).to(q.dtype)  # (H, hd, lat) each
+        k_nope = torch.einsum("btc,hdc->bhtd", c, w_uk)  # (B, H, T, hd): new tokens only
+        square_sum = k_nope.square().sum(-1)  # (B, H, T)
+        if r:
+            square_sum = square_sum + k_rope.square().sum(-1)[:, None]
+            cos, sin = pos.rope(r)
+            k_rope = apply_rope(k_rope * gain[hd:].to(k_rope.dtype), cos, sin)  # (B, T, r)
+        inv_rms = torch.rsqrt(square_sum / (hd + r) + NORM_EPS)  # (B, H, T)
+        latents, key_scale = cache.append(torch.cat((c, k_rope), dim=-1),
+                                          inv_rms.transpose(1, 2))  # (B, L, lat + r), (B, L, H)
+        q_nope, q_rope = q.split([hd, r], dim=-1)
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope * gain[:hd].to(q.dtype), w_uk)
+        q = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, T, lat + r)
+        latents = latents.to(q.dtype)
+        scores = q @ latents[:, None].transpose(-1, -2)  # (B, H, T, L)
+        scores = scores * (key_scale.transpose(1, 2)[:, :, None, :].to(q.dtype) * self.scale)
+        L = latents.shape[1]
+        if T > 1:  # the T new queries are the last T of L
+            visible = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        weights = F.dropout(scores.softmax(dim=-1), dropout_p)
+        o = weights @ latents[:, None, :, :lat]  # (B, H, T, lat)
         return torch.einsum("bhtc,hdc->bhtd", o, w_uv)  # (B, H, T, hd)

@@ -1,4 +1,5 @@
-"""The decoder-only language model: embeddings, a stack of pre-norm blocks, a tied LM head."""
+"""The decoder-only language model: embeddings, a stack of pre-norm blocks, an LM head (tied
+to the embedding unless tie_embeddings is false)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from .moe import MoE
 from .norm import make_norm
 from .positional import Positions, sinusoidal
 from .recompute import checkpointed
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): smooth, monotone, bounded by +-cap."""
+    return cap * torch.tanh(logits / cap)
 
 
 @dataclass
@@ -86,7 +92,8 @@ class LLM(nn.Module):
             for layer in config.layers)
         self.norm_f = make_norm(config.norm, C)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -98,6 +105,12 @@ class LLM(nn.Module):
                 continue  # norms keep their ones / zeros
             nn.init.normal_(param, 0.0, residual_std if getattr(param, "residual_out", False)
                             else std)
+        if self.config.zero_init_proj:  # every block starts as the identity map
+            for param in self.parameters():
+                if getattr(param, "residual_out", False):
+                    nn.init.zeros_(param)
+            if not self.config.tie_embeddings:
+                nn.init.zeros_(self.lm_head.weight)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -140,6 +153,8 @@ class LLM(nn.Module):
         if last_logits_only:
             x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V)
+        if self.config.logit_softcap:
+            logits = soft_cap(logits, self.config.logit_softcap)
         lm_loss = loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -163,6 +178,8 @@ class LLM(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings:  # an untied head counts with them (its matmul: the V*C FLOPs)
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe else 0)
+            if self.lm_head.weight is not self.wte.weight:
+                n -= self.lm_head.weight.numel()
         return n

@@ -81,7 +81,7 @@ class Parallel:
         )
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(raw, optimizer, options=full)
+        return get_optimizer_state_dict(raw, _optimizers(optimizer), options=full)
 
     def load_optimizer_state(self, raw: nn.Module, optimizer: torch.optim.Optimizer,
                              state: dict) -> None:
@@ -90,8 +90,13 @@ class Parallel:
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(raw, optimizer, optim_state_dict=state,
+        set_optimizer_state_dict(raw, _optimizers(optimizer), optim_state_dict=state,
                                  options=StateDictOptions(full_state_dict=True))
+
+
+def _optimizers(optimizer):
+    """The torch optimizers behind one (train.optim.MuonWithAdamW holds two)."""
+    return getattr(optimizer, "optimizers", optimizer)
 
 
 def local_value(t: torch.Tensor) -> torch.Tensor:

@@ -400,3 +400,31 @@ def test_cuda_sampling_is_seeded(trained):
     a, b = sample_json(*args, "--seed", "11"), sample_json(*args, "--seed", "11")
     assert a["samples"][0]["text"] == b["samples"][0]["text"]
     assert len(a["samples"][0]["token_ids"]) > 0
+
+
+def test_num_samples_decode_as_one_batch(trained):
+    """N samples come from one batched decode: seeded-deterministic, distinct when sampled,
+    all equal to the single greedy sample at temperature 0."""
+    loaded = load_checkpoint(trained, device="cpu")
+    prompt = encode_prompt(loaded.tokenizer, "The", loaded.block_size)
+    calls = []
+    model_forward = loaded.model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(args[0].shape[0])  # the batch of every model call
+        return model_forward(*args, **kwargs)
+
+    loaded.model.forward = counting_forward
+    settings = dict(max_new_tokens=20, stop_at_eot=False, temperature=1.0, top_k=None)
+    first = list(generate_samples(loaded, prompt, SampleSettings(num_samples=4, seed=9,
+                                                                 **settings)))
+    assert calls and set(calls) == {4}  # one batch of 4, never one sample at a time
+    again = list(generate_samples(loaded, prompt, SampleSettings(num_samples=4, seed=9,
+                                                                 **settings)))
+    assert [s.token_ids for s in first] == [s.token_ids for s in again]
+    assert len({tuple(s.token_ids) for s in first}) > 1
+    assert all(len(s.token_ids) == 20 for s in first)
+    greedy = {**settings, "temperature": 0.0}
+    one = list(generate_samples(loaded, prompt, SampleSettings(num_samples=1, **greedy)))
+    three = list(generate_samples(loaded, prompt, SampleSettings(num_samples=3, **greedy)))
+    assert all(s.token_ids == one[0].token_ids for s in three)

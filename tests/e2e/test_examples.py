@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 FINETUNE = {"finetune_chat"}
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.stem not in FINETUNE)
 EXPECTED = {"gpt2_small", "llama_style", "mla_rope", "mla_moe", "moe_aux_loss", "cpu_tiny",
-            "heterogeneous"}
+            "heterogeneous", "cpu_fast"}
 
 
 def test_every_architecture_has_an_example() -> None:

@@ -1,0 +1,86 @@
+"""The fast decoding step equals the reference path (the model's own forward every step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmctl.config import load_config
+from llmctl.infer.decode import generate
+from llmctl.infer.fastpath import FastDecoder, supports
+from llmctl.model import LLM
+
+MIXED = [
+    {"attn": "mha", "n_head": 4, "moe": False, "up_dim": 48, "non_linearity": "gelu"},
+    {"attn": "gqa", "n_head": 4, "n_kv_heads": 2, "moe": True, "up_dim": 24,
+     "non_linearity": "swiglu", "n_exp": 5, "n_shared": 1, "n_act": 3, "coeff": 0.02},
+    {"attn": "mla", "n_head": 2, "q_latent_dim": 16, "kv_latent_dim": 8, "rope_head_dim": 4,
+     "moe": False, "up_dim": 16, "non_linearity": "relu2", "qk_norm": True},
+    {"attn": "mqa", "n_head": 8, "moe": False, "up_dim": 40, "non_linearity": "geglu",
+     "qk_norm": True},
+]
+
+
+def _model(**flags) -> LLM:
+    base = dict(n_layer=2, n_embd=32, n_head=4, n_kv_heads=2, vocab_size=53, block_size=24,
+                up_dim=48, q_latent_dim=16, kv_latent_dim=8, rope_head_dim=4, init_std=0.1)
+    torch.manual_seed(0)
+    return LLM(load_config(overrides={**base, **flags}, check_batch_split=False).model).eval()
+
+
+CASES = [dict(attn=a, pos_emb=p) for a in ("mha", "mqa", "gqa", "mla")
+         for p in ("learn", "sin", "rope")]
+CASES += [dict(attn="gqa", pos_emb="rope", qk_norm=True, norm="rms", logit_softcap=5.0,
+               tie_embeddings=False),
+          dict(attn="mla", pos_emb="rope", moe=True, n_exp=4, n_shared=1, n_act=2, coeff=0.01),
+          dict(pos_emb="rope", layer_configs=MIXED, n_layer=None)]
+
+
+@pytest.mark.parametrize("flags", CASES, ids=lambda f: "-".join(str(v) for v in f.values()
+                                                                  if not isinstance(v, list)))
+def test_step_logits_and_greedy_tokens_equal_the_reference(flags) -> None:
+    model = _model(**flags)
+    assert supports(model)
+    prompt = torch.randint(0, 53, (2, 5))
+    # 5 + 30 > block_size 24: the fast steps, then the cropping recompute after the window
+    fast = generate(model, prompt, 30, temperature=0)
+    reference = generate(model, prompt, 30, temperature=0, fast=False)
+    assert torch.equal(fast, reference)
+    with torch.no_grad():  # the logits of each step, not only their argmax
+        decoder = FastDecoder(model, total_tokens=12)
+        logits = decoder.prefill(prompt)
+        out = model(prompt)
+        for t in range(5, 12):
+            token = reference[:, t]
+            logits = decoder.step(token)
+            out = model(token[:, None], kv_cache=out.kv_cache)
+            assert torch.allclose(logits, out.logits[:, -1], atol=1e-5, rtol=0)
+        assert decoder.cache.layers[0].allocated == 24  # reserved once, capped at block_size
+
+
+def test_seeded_sampling_equals_the_reference() -> None:
+    model = _model(attn="gqa", pos_emb="rope")
+    prompt = torch.randint(0, 53, (3, 4))
+    runs = [generate(model, prompt, 15, temperature=1.0, top_k=10, fast=fast,
+                     generator=torch.Generator().manual_seed(7)) for fast in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_cache_never_grows_during_decoding() -> None:
+    model = _model(block_size=200)
+    with torch.no_grad():
+        decoder = FastDecoder(model, total_tokens=150)
+        decoder.prefill(torch.randint(0, 53, (1, 3)))
+        buffers = [b.data_ptr() for layer in decoder.cache.layers for b in layer.buffers]
+        token = torch.tensor([1])
+        for _ in range(140):
+            decoder.step(token)
+        assert decoder.length == 143
+        assert [b.data_ptr() for layer in decoder.cache.layers for b in layer.buffers] == buffers
+
+
+def test_unknown_modules_use_the_reference_path() -> None:
+    model = _model()
+    model.blocks[0].attn_norm = torch.nn.Identity()
+    assert not supports(model)
+    assert generate(model, torch.zeros(1, 2, dtype=torch.long), 4, temperature=0).shape == (1, 6)
