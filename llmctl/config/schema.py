@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ATTN_KINDS = ("mha", "mqa", "gqa", "mla")
-POS_EMBS = ("learn", "sin", "rope")
+POS_EMBS = ("learn", "sin", "rope", "alibi")
 NORMS = ("layer", "rms")
 # Gated variants (glu, swiglu, geglu, reglu) use two input projections of up_dim each.
 NON_LINEARITIES = (
@@ -101,7 +101,11 @@ class LLMConfig:
         panel="Model")
     block_size: int = _f(1024, help="Maximum context length in tokens.", panel="Model")
     dropout: float = _f(0.0, help="Dropout rate (attention, residual and MLP).", panel="Model")
-    pos_emb: str = _f("learn", help="Positional embedding: learn, sin or rope.", panel="Model")
+    pos_emb: str = _f(
+        "learn", help="Positional embedding: learn, sin, rope or alibi (per-head linear "
+        "distance biases; exact with the KV cache up to block_size, and sampling may go past "
+        "block_size with a sliding cache of the last block_size tokens, which approximates "
+        "re-running the cropped context).", panel="Model")
     norm: str = _f("layer", help="Normalization: layer (LayerNorm) or rms (RMSNorm).",
                    panel="Model")
     rope_theta: float = _f(10000.0, help="RoPE base frequency.", panel="Model")
