@@ -114,6 +114,14 @@ class LLMConfig:
     layers: list[BlockConfig] = _f(
         help="Per-layer block configs (filled from the flat flags when not given).",
         panel="Layers", factory=list)
+    mtp_depth: int = _f(
+        0, help="Multi-token prediction (DeepSeek-V3): D extra sequential modules, module k "
+        "predicting the token k+1 ahead; they share the embedding and head, each adds one "
+        "block like the last layer. 0 = off. sample --speculative drafts with them.",
+        panel="Model")
+    mtp_weight: float = _f(
+        0.3, help="Weight of the mean MTP loss added to the training loss (mtp_depth > 0).",
+        panel="Model")
 
     def __post_init__(self) -> None:
         # A homogeneous model is the same list with equal entries.
