@@ -28,6 +28,7 @@ class SampleSettings:
     num_samples: int = 1
     seed: int | None = None  # None: a fresh random seed, reported back
     stop_at_eot: bool = True
+    speculative: bool = False  # draft with the MTP modules, verify with the main model
 
     def check(self) -> None:
         from .decode import check_sampling
@@ -55,6 +56,8 @@ class Sample:
     token_ids: list[int]
     stop_reason: str  # "eot" or "max_new_tokens"
     seconds: float
+    # speculative only: acceptance stats, and plain decoding's time for as many tokens
+    speculative: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -106,11 +109,13 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
     """Sample `settings.num_samples` continuations of `prompt`, one after the other.
 
     `on_text(index, piece)` receives each sample's text as it is generated. The KV cache is
-    used; with the same seed the samples are the same.
+    used; with the same seed the samples are the same. With `settings.speculative` the MTP
+    modules draft and each sample reports acceptance and speed-up over plain decoding.
     """
     import torch
 
     from .decode import stream_tokens
+    from .speculative import SpeculativeStats, stream_speculative
 
     settings.check()
     if settings.seed is None:
@@ -124,13 +129,16 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
         ids: list[int] = []
         pieces: list[str] = []
         stop_reason = "max_new_tokens"
+        stats = SpeculativeStats() if settings.speculative else None
+        options = dict(temperature=settings.temperature, top_k=settings.top_k,
+                       top_p=settings.top_p, eot_id=eot_id, generator=generator,
+                       vocab_limit=tokenizer.vocab_size)
+        stream = (stream_speculative(model, idx, settings.max_new_tokens, stats=stats, **options)
+                  if stats is not None else
+                  stream_tokens(model, idx, settings.max_new_tokens, **options))
         start = time.perf_counter()
         with loaded.precision.autocast():
-            for token in stream_tokens(model, idx, settings.max_new_tokens,
-                                       temperature=settings.temperature, top_k=settings.top_k,
-                                       top_p=settings.top_p, eot_id=eot_id,
-                                       generator=generator,
-                                       vocab_limit=tokenizer.vocab_size):
+            for token in stream:
                 token_id = int(token[0])
                 if eot_id is not None and token_id == eot_id:
                     stop_reason = "eot"
@@ -142,13 +150,37 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
                     if on_text is not None:
                         on_text(index, piece)
         seconds = time.perf_counter() - start
+        report = None
+        if stats is not None:
+            report = {**stats.to_dict(), **_plain_baseline(loaded, idx, stats.tokens, seconds,
+                                                           settings)}
         piece = decoder.flush()
         if piece:
             pieces.append(piece)
             if on_text is not None:
                 on_text(index, piece)
         yield Sample(index=index, text="".join(pieces), token_ids=ids,
-                     stop_reason=stop_reason, seconds=seconds)
+                     stop_reason=stop_reason, seconds=seconds, speculative=report)
+
+
+def _plain_baseline(loaded: LoadedCheckpoint, idx: Any, tokens: int, seconds: float,
+                    settings: SampleSettings) -> dict[str, float]:
+    """Time plain KV-cache decoding of as many tokens (same settings, no EOT stop, its own
+    seeded generator) for the measured speed-up of speculative decoding."""
+    import torch
+
+    from .decode import stream_tokens
+
+    generator = torch.Generator(device=loaded.device).manual_seed(settings.seed or 0)
+    start = time.perf_counter()
+    with loaded.precision.autocast():
+        for _ in stream_tokens(loaded.model, idx, tokens, temperature=settings.temperature,
+                               top_k=settings.top_k, top_p=settings.top_p, generator=generator,
+                               vocab_limit=loaded.tokenizer.vocab_size):
+            pass
+    plain = time.perf_counter() - start
+    return {"plain_seconds": round(plain, 4),
+            "speedup": round(plain / seconds, 3) if seconds > 0 else 0.0}
 
 
 def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:
