@@ -80,6 +80,11 @@ def _print_report(report: dict[str, Any]) -> None:
                        human_count(row["total"], 2), str(row["kv_cache_bytes_per_token"]))
     console.print(layers)
 
+    mtp = report.get("mtp") or {}
+    if mtp.get("depth"):
+        console.print(f"multi-token prediction: {mtp['depth']} modules (weight "
+                      f"{mtp['weight']}), {mtp['params']:,} parameters "
+                      f"({human_count(mtp['params'], 2)}), one block + projection each")
     kv, flops = report["kv_cache"], report["flops"]
     console.print(f"training FLOPs per token: {human_count(flops['training_per_token'], 2)} "
                   f"= {flops['formula']}")

@@ -82,7 +82,11 @@ def prepare(
     tokenizer: str | None = typer.Option(
         None, "--tokenizer", rich_help_panel=_TOKENS, show_default=False,
         help="gpt2 (default; built in, no download), another tiktoken encoding (cl100k_base, "
-        "...; tiktoken downloads it), char or byte."),
+        "...; tiktoken downloads it), char, byte, or bpe (a byte-level BPE trained on the "
+        "training split, see --bpe_vocab)."),
+    bpe_vocab: int = typer.Option(
+        8192, "--bpe_vocab", min=257, rich_help_panel=_TOKENS,
+        help="--tokenizer bpe: vocabulary size (end-of-text included) of the trained BPE."),
     tokenizer_file: Path | None = typer.Option(
         None, "--tokenizer_file", rich_help_panel=_TOKENS,
         show_default=False, metavar="PATH",
@@ -131,7 +135,8 @@ def prepare(
             subset=subset, val_fraction=val_fraction,
             max_tokens=_count(max_tokens, "--max_tokens"), num_proc=num_proc, seed=seed,
             force=force, streaming=streaming, cache_dir=cache_dir, progress=not quiet,
-            format=data_format, base_tokenizer=base_spec, base_tokenizer_folder=base_folder)
+            format=data_format, base_tokenizer=base_spec, base_tokenizer_folder=base_folder,
+            bpe_vocab=bpe_vocab)
         result = prepare_dataset(opts)
     if result.skipped:
         typer.echo(f"{result.folder} is already prepared with these settings (pass --force "
@@ -171,6 +176,12 @@ def _print_summary(result: PrepareResult) -> None:
         extra = (f" in {entry['conversations']:,} conversations, {entry['targets']:,} "
                  "targets" if "conversations" in entry else "")
         typer.echo(f"  {split:<10} {entry['tokens']:,} tokens{extra}")
+    compression = meta.get("compression")
+    if compression:
+        line = f"  bytes/token {compression['bpe']:.3f} trained bpe"
+        if compression.get("gpt2") is not None:
+            line += f", {compression['gpt2']:.3f} gpt2"
+        typer.echo(line + f" (on {compression['bytes']:,} bytes of {compression['text']} text)")
     if not result.skipped:
         typer.echo(f"  took {result.seconds:.1f}s "
                    f"({total / max(result.seconds, 1e-9):,.0f} tokens/s)")

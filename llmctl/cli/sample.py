@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from ..core.errors import LlmctlError
 from ._common import (
     checkpoint_argument,
     device_option,
@@ -52,6 +53,13 @@ def sample(
     stop_at_eot: bool = typer.Option(
         True, "--stop_at_eot/--no_stop_at_eot",
         rich_help_panel=_SAMPLING, help="Stop a sample at the end-of-text token."),
+    speculative: bool = typer.Option(
+        False, "--speculative", rich_help_panel=_SAMPLING,
+        help="Self-speculative decoding (a model trained with mtp_depth >= 1): the MTP "
+        "modules draft tokens, one main-model forward verifies them. Greedy output is token "
+        "for token plain greedy's; sampled output follows the main model's distribution. "
+        "Reports the acceptance rate and the speed-up over plain decoding (timed by also "
+        "decoding as many tokens plainly)."),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object with every sample instead of streaming."),
     device: str = device_option(),
@@ -66,9 +74,13 @@ def sample(
         text = read_prompt(prompt, prompt_file)
         settings = SampleSettings(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k or None, top_p=top_p, num_samples=num_samples,
-                                  seed=seed, stop_at_eot=stop_at_eot)
+                                  seed=seed, stop_at_eot=stop_at_eot,
+                                  speculative=speculative)
         settings.check()
         loaded = load_for_inference(path, device=device, dtype=dtype)
+        if speculative and not len(getattr(loaded.model, "mtp", ())):
+            raise LlmctlError("--speculative needs a checkpoint trained with mtp_depth >= 1 "
+                              f"({path} has no multi-token prediction modules)")
         tokens = encode_prompt(loaded.tokenizer, text, loaded.block_size)
         if tokens.dropped:
             typer.echo(f"warning: the prompt is {tokens.dropped + len(tokens.ids)} tokens, "
@@ -86,7 +98,7 @@ def sample(
             "prompt": text, "prompt_tokens": len(tokens.ids), "prompt_cropped": tokens.dropped,
             "settings": {k: getattr(settings, k) for k in (
                 "max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "seed",
-                "stop_at_eot")},
+                "stop_at_eot", "speculative")},
             "samples": [s.to_dict() for s in samples],
         }, ensure_ascii=False))
 
@@ -114,5 +126,12 @@ def _run(loaded, tokens, settings, as_json: bool) -> list:
                    f"{len(sample.token_ids)} tokens in {sample.seconds:.2f} s, "
                    f"{sample.tokens_per_s:.1f} tokens/s, stopped at {sample.stop_reason}{seed}]",
                    err=True)
+        if sample.speculative:
+            spec = sample.speculative
+            typer.echo(f"[speculative: acceptance rate {spec['acceptance_rate']:.2f} "
+                       f"({spec['accepted']}/{spec['drafted']} drafts), "
+                       f"{spec['tokens_per_forward']:.2f} tokens per main forward, "
+                       f"speed-up {spec['speedup']:.2f}x over plain decoding "
+                       f"({spec['plain_seconds']:.2f} s)]", err=True)
         samples.append(sample)
     return samples

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ATTN_KINDS = ("mha", "mqa", "gqa", "mla")
-POS_EMBS = ("learn", "sin", "rope")
+POS_EMBS = ("learn", "sin", "rope", "alibi")
 NORMS = ("layer", "rms")
 # Gated variants (glu, swiglu, geglu, reglu) use two input projections of up_dim each.
 NON_LINEARITIES = (
@@ -109,7 +109,11 @@ class LLMConfig:
         panel="Model")
     block_size: int = _f(512, help="Maximum context length in tokens.", panel="Model")
     dropout: float = _f(0.0, help="Dropout rate (attention, residual and MLP).", panel="Model")
-    pos_emb: str = _f("learn", help="Positional embedding: learn, sin or rope.", panel="Model")
+    pos_emb: str = _f(
+        "learn", help="Positional embedding: learn, sin, rope or alibi (per-head linear "
+        "distance biases; exact with the KV cache up to block_size, and sampling may go past "
+        "block_size with a sliding cache of the last block_size tokens, which approximates "
+        "re-running the cropped context).", panel="Model")
     norm: str = _f("layer", help="Normalization: layer (LayerNorm) or rms (RMSNorm).",
                    panel="Model")
     rope_theta: float = _f(10000.0, help="RoPE base frequency.", panel="Model")
@@ -125,6 +129,14 @@ class LLMConfig:
                               "to zero, so every block starts as the identity.", panel="Model")
     logit_softcap: float | None = _f(None, help="Cap the LM logits smoothly at +-this value: "
                                      "cap * tanh(logits / cap) (None/0: off).", panel="Model")
+    mtp_depth: int = _f(
+        0, help="Multi-token prediction (DeepSeek-V3): D extra sequential modules, module k "
+        "predicting the token k+1 ahead; they share the embedding and head, each adds one "
+        "block like the last layer. 0 = off. sample --speculative drafts with them.",
+        panel="Model")
+    mtp_weight: float = _f(
+        0.3, help="Weight of the mean MTP loss added to the training loss (mtp_depth > 0).",
+        panel="Model")
 
     def __post_init__(self) -> None:
         # A homogeneous model is the same list with equal entries.

@@ -24,6 +24,7 @@ MAX_DIM = 2**20
 MAX_LAYERS = 10_000
 MAX_VOCAB = 2**31 - 1
 MAX_EXPERTS = 4096
+MAX_MTP_DEPTH = 16
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -85,6 +86,9 @@ def _check_model(check: _Checker, run: RunConfig) -> None:
         check.add("model.init_std", f"must be > 0, got {m.init_std}")
     if m.logit_softcap is not None and not m.logit_softcap >= 0:  # also catches NaN
         check.add("model.logit_softcap", f"must be > 0 (or 0/None: off), got {m.logit_softcap}")
+    check.size("model.mtp_depth", m.mtp_depth, low=0, high=MAX_MTP_DEPTH)
+    if not m.mtp_weight >= 0:
+        check.add("model.mtp_weight", f"must be >= 0, got {m.mtp_weight}")
 
 
 def _check_block(check: _Checker, p: str, b: BlockConfig, run: RunConfig) -> None:

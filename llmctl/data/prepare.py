@@ -44,7 +44,8 @@ SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/d
 SHAKESPEARE_URL_ENV = "LLMCTL_SHAKESPEARE_URL"
 DOWNLOADS = ".downloads"  # under DATA_DIR: fetched source files, reused by later runs
 _OUR_FILES = {"train.bin", "val.bin", "all.bin", layout.META_FILE, "tokenizer.tiktoken",
-              *(s + suffix for s in layout.SPLITS for suffix in (MASK_SUFFIX, OFFSETS_SUFFIX))}
+              *(s + suffix for s in layout.SPLITS for suffix in (MASK_SUFFIX, OFFSETS_SUFFIX)),
+              "tokenizer.json"}
 FORMATS = ("text", "chat")
 
 
@@ -69,6 +70,7 @@ class PrepareOptions:
     format: str = "text"  # text | chat (JSONL conversations, see data.chat)
     base_tokenizer: dict[str, Any] | None = None  # a recorded spec to use (e.g. a checkpoint's)
     base_tokenizer_folder: str | Path | None = None  # where that spec's files lie
+    bpe_vocab: int = 8192  # --tokenizer bpe: vocabulary size of the trained BPE
 
     @property
     def effective_val_fraction(self) -> float:
@@ -154,6 +156,11 @@ def _check_options(opts: PrepareOptions) -> None:
     if opts.dataset is not None and opts.dataset not in DATASETS and opts.source is None:
         problems.append(f"unknown dataset: {one_of(opts.dataset, DATASETS)}; or pass "
                         "--source PATH|URL (and --name) to prepare your own text")
+    if opts.tokenizer == "bpe" and opts.tokenizer_file:
+        problems.append("--tokenizer_file is for tiktoken rank files, not --tokenizer bpe")
+    if opts.tokenizer == "bpe" and not 257 <= opts.bpe_vocab <= 2**31 - 1:
+        problems.append(f"--bpe_vocab must be at least 257 (the 256 bytes and "
+                        f"end-of-text), got {opts.bpe_vocab}")
     if opts.tokenizer == "char" and opts.tokenizer_file:
         problems.append("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
     if opts.source is not None and not is_url(str(opts.source)) and not Path(
@@ -213,12 +220,14 @@ def _fingerprint(opts: PrepareOptions, name: str) -> dict[str, Any]:
     elif source is None and dataset == "shakespeare":
         source = os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_SOURCE
     file = opts.tokenizer_file or (os.environ.get(TIKTOKEN_FILE_ENV)
-                                   if opts.tokenizer not in ("char", "byte") else None)
+                                   if opts.tokenizer not in ("char", "byte", "bpe") else None)
     file_sha = None
     if file:
         with contextlib.suppress(OSError):
             file_sha = hashlib.sha256(Path(file).read_bytes()).hexdigest()
-    return {"dataset": dataset, "source": source, "tokenizer": opts.tokenizer or "gpt2",
+    extra = {"bpe_vocab": opts.bpe_vocab} if opts.tokenizer == "bpe" else {}
+    return {**extra, "dataset": dataset, "source": source,
+            "tokenizer": opts.tokenizer or "gpt2",
             "tokenizer_file_sha256": file_sha, "text_field": opts.text_field,
             "subset": opts.subset or (HUB_DATASETS[dataset].subsets[0]
                                       if dataset in HUB_DATASETS else None),
@@ -360,7 +369,7 @@ def _fit_chars(plan: SourcePlan, opts: PrepareOptions) -> CharTokenizer:
 def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
            fingerprint: dict[str, Any], start: float) -> dict[str, Any]:
     tokenizer: Tokenizer | None = None
-    if opts.tokenizer != "char":  # a bad tokenizer is found before any download
+    if opts.tokenizer not in ("char", "bpe"):  # a bad tokenizer is found before any download
         try:
             tokenizer = create_tokenizer(opts.tokenizer, opts.tokenizer_file)
         except LlmctlError as err:  # also say whether the source can be reached, then stop
@@ -372,14 +381,21 @@ def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
             _raise_all(problems)
     plan = _plan(opts, data_dir)
     assert plan is not None
-    if tokenizer is None:
+    bpe = None
+    if opts.tokenizer == "bpe":
+        from .bpe_corpus import train_on_split
+
+        bpe = train_on_split(plan, opts)
+        tokenizer = bpe.tokenizer
+    elif tokenizer is None:
         tokenizer = _fit_chars(plan, opts)
     tokenizer.save_files(partial)
     dtype = layout.dtype_for_vocab(tokenizer.vocab_size)
     num_proc = worker_count(opts.num_proc)
     with TokenizerPool(tokenizer, partial, dtype, num_proc) as pool:
         writers = _tokenize(plan, pool, partial, dtype, opts, name)
-    splits = _finish_splits(plan, writers, partial, opts.effective_val_fraction)
+    splits = _finish_splits(plan, writers, partial, opts.effective_val_fraction,
+                            n_train=bpe.train_tokens if bpe is not None else None)
     if sum(entry["tokens"] for entry in splits.values()) == 0:
         raise LlmctlError(f"source {plan.description} has no text")
     for split, entry in splits.items():
@@ -408,6 +424,8 @@ def _build(opts: PrepareOptions, name: str, data_dir: Path, partial: Path,
         "seconds": round(time.perf_counter() - start, 3),
         "llmctl_version": __version__,
     }
+    if bpe is not None:
+        meta["compression"] = bpe.compression
     write_json_atomic(partial / layout.META_FILE, meta)  # last: the dataset is whole
     return meta
 
@@ -460,8 +478,9 @@ def _cap(plan: SourcePlan, split: str, writers: dict[str, SplitWriter],
 
 
 def _finish_splits(plan: SourcePlan, writers: dict[str, SplitWriter], partial: Path,
-                   fraction: float) -> dict[str, dict[str, Any]]:
-    """{split: {file, tokens, sha256}}; the tail policy cuts all.bin into train and val."""
+                   fraction: float, n_train: int | None = None) -> dict[str, dict[str, Any]]:
+    """{split: {file, tokens, sha256}}; the tail policy cuts all.bin into train and val
+    (after `n_train` tokens when given: where a trained tokenizer's training text ends)."""
     for split in layout.SPLITS:
         if split not in writers and plan.split_policy != "tail":  # an empty split
             writers[split] = SplitWriter(partial / layout.split_file(split), "uint16")
@@ -471,7 +490,9 @@ def _finish_splits(plan: SourcePlan, writers: dict[str, SplitWriter], partial: P
                         "sha256": writers[split].sha256} for split in layout.SPLITS}
     whole = writers.get("all")
     total = whole.tokens if whole else 0
-    n_train = min(max(int(total * (1 - fraction)), 1), max(total - 1, 0)) if total else 0
+    if n_train is None:
+        n_train = min(max(int(total * (1 - fraction)), 1), max(total - 1, 0)) if total else 0
+    n_train = min(n_train, total)
     itemsize = whole.dtype.itemsize if whole else 2
     all_path = partial / layout.split_file("all")
     train_path, val_path = (partial / layout.split_file(s) for s in layout.SPLITS)

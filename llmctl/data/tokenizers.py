@@ -6,6 +6,8 @@ Kinds (`spec["kind"]`):
   the split pattern and special tokens, so rebuilding never needs the network.
 - `char`: the sorted characters of the corpus (`spec["chars"]`), end-of-text = len(chars).
 - `byte`: the 256 byte values, end-of-text = 256.
+- `bpe`: a byte-level BPE trained on the corpus (`data/bpe.py`); its `tokenizer.json` is
+  stored beside meta.json (`spec["file"]`, with its `sha256`).
 
 `gpt2` is built from GPT-2's ranks embedded in the package (`embedded.py`), so it never needs
 the network. `LLMCTL_TIKTOKEN_FILE` names a local `.tiktoken` rank file used wherever another
@@ -28,7 +30,8 @@ from ..core.errors import LlmctlError, one_of
 
 TIKTOKEN_FILE_ENV = "LLMCTL_TIKTOKEN_FILE"
 RANK_FILE = "tokenizer.tiktoken"  # name of the copied rank file beside meta.json
-KINDS = ("tiktoken", "char", "byte")
+BPE_FILE = "tokenizer.json"  # the trained BPE's file beside meta.json
+KINDS = ("tiktoken", "char", "byte", "bpe")
 EOT_TEXT = "<|endoftext|>"
 _REPLACEMENT = "\ufffd"
 
@@ -263,6 +266,75 @@ def tokenizer_extension(base: dict[str, Any], new: dict[str, Any]) -> list[str] 
     return more[len(old):]
 
 
+def require_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise LlmctlError("--tokenizer bpe needs the Hugging Face `tokenizers` package: "
+                          "pip install tokenizers") from None
+    return tokenizers
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, data: bytes) -> None:
+        tokenizers = require_tokenizers()
+        try:
+            self.tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # the library raises plain Exceptions on bad JSON
+            raise LlmctlError(f"{BPE_FILE} is not a valid tokenizers file: {err}") from None
+        self.tok.encode_special_tokens = True  # "<|endoftext|>" in text is just text
+        self.data = data
+        self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
+        eot = self.tok.token_to_id(EOT_TEXT)
+        if eot is None:
+            raise LlmctlError(f"{BPE_FILE} has no end-of-text token {EOT_TEXT!r}")
+        self.eot_id = int(eot)
+        self.spec = {"kind": "bpe", "file": BPE_FILE, "vocab_size": self.vocab_size,
+                     "sha256": hashlib.sha256(data).hexdigest()}
+
+    def encode_array(self, text: str) -> np.ndarray:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces: list[bytes] = []
+        for i in map(int, ids):
+            token = self.tok.id_to_token(i) if 0 <= i < self.vocab_size else None
+            if token is None:
+                pieces.append("\ufffd".encode())
+            elif i == self.eot_id:
+                pieces.append(EOT_TEXT.encode())
+            else:
+                pieces.append(_token_bytes(token))
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+    def save_files(self, folder: Path) -> None:
+        from ..core.files import write_bytes_atomic
+
+        write_bytes_atomic(Path(folder) / BPE_FILE, self.data)
+
+
+_BYTE_OF_CHAR: dict[str, int] | None = None
+
+
+def _token_bytes(token: str) -> bytes:
+    """A byte-level token's bytes (GPT-2's printable-character mapping, inverted)."""
+    global _BYTE_OF_CHAR
+    if _BYTE_OF_CHAR is None:
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                *range(ord("®"), ord("ÿ") + 1)]
+        chars, extra = list(keep), 0
+        for b in range(256):
+            if b not in keep:
+                keep.append(b)
+                chars.append(256 + extra)
+                extra += 1
+        _BYTE_OF_CHAR = {chr(c): b for b, c in zip(keep, chars, strict=True)}
+    return bytes(_BYTE_OF_CHAR[ch] for ch in token)
+
+
 def _utf8(text: str) -> bytes:
     try:
         return text.encode("utf-8")
@@ -429,7 +501,8 @@ def create_tokenizer(name: str | None = None, file: str | Path | None = None) ->
 
 def tokenizer_files(spec: dict[str, Any]) -> list[str]:
     """File names (relative to the folder holding the spec) the tokenizer needs."""
-    return [spec["file"]] if spec.get("kind") == "tiktoken" and spec.get("file") else []
+    return ([spec["file"]] if spec.get("kind") in ("tiktoken", "bpe") and spec.get("file")
+            else [])
 
 
 def describe_spec(spec: dict[str, Any]) -> str:
@@ -441,6 +514,8 @@ def describe_spec(spec: dict[str, Any]) -> str:
         return f"tiktoken:{spec.get('name')}"
     if kind == "char":
         return f"char({len(spec.get('chars', ''))} chars)"
+    if kind == "bpe":
+        return f"bpe({spec.get('vocab_size')} trained)"
     return str(kind)
 
 
@@ -459,6 +534,8 @@ def tokenizer_from_spec(spec: dict[str, Any], folder: str | Path | None = None) 
         if not isinstance(chars, str):
             raise LlmctlError("char tokenizer spec has no 'chars' string")
         return CharTokenizer(chars)
+    if kind == "bpe":
+        return _bpe_from_spec(spec, Path(folder) if folder is not None else None)
     if kind != "tiktoken":
         raise LlmctlError(f"tokenizer spec kind: {one_of(kind, KINDS)}")
     return _tiktoken_from_spec(spec, Path(folder) if folder is not None else None)
@@ -507,9 +584,25 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return False
     if a.get("kind") == "char":
         return a.get("chars") == b.get("chars")
+    if a.get("kind") == "bpe":
+        return a.get("sha256") == b.get("sha256")
     if a.get("kind") == "tiktoken":
         if a.get("sha256") and b.get("sha256"):
             keys = ("sha256", "pat_str", "special_tokens")
             return all(a.get(k) == b.get(k) for k in keys)
         return a.get("name") == b.get("name")
     return True  # byte
+
+
+def _bpe_from_spec(spec: dict[str, Any], folder: Path | None) -> BPETokenizer:
+    rel = spec.get("file")
+    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise LlmctlError(f"bpe tokenizer spec file {rel!r} must be a relative file name")
+    if folder is None or not (folder / rel).is_file():
+        raise LlmctlError(f"bpe tokenizer file {rel} is missing"
+                          + (f" in {folder}" if folder is not None else " (no folder given)"))
+    data = (folder / rel).read_bytes()
+    if spec.get("sha256") and hashlib.sha256(data).hexdigest() != spec["sha256"]:
+        raise LlmctlError(f"{folder / rel} does not match the sha256 its spec records (the "
+                          "tokenizer file was changed or corrupted)")
+    return BPETokenizer(data)

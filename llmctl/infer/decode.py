@@ -4,7 +4,11 @@ Up to block_size tokens, each step feeds one token through the cache. Once the c
 longer than block_size, each step runs the last block_size tokens afresh (positions
 0..block_size-1), exactly as a model without a cache that crops its input would: with
 absolute positions or a different first token, the cached keys no longer match, so any
-cache reuse there would change the result.
+cache reuse there would change the result. The exception is ALiBi (no absolute positions,
+only distances): there the cache slides, dropping its oldest token each step, so sampling
+continues past block_size at decoding speed. That equals attending to the last block_size
+tokens per layer, which is not the same as re-running the cropped context (the kept keys were
+computed while older tokens were still visible).
 """
 
 from __future__ import annotations
@@ -136,6 +140,10 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
                 else:
                     out = model(token[:, None], kv_cache=cache, last_logits_only=True)
                     logits = out.logits[:, -1]
+            elif cache is not None and model.config.pos_emb == "alibi":  # slide the window
+                cache.drop_oldest(cache.length - block_size + 1)
+                out = model(token[:, None], kv_cache=cache, last_logits_only=True)
+                logits = out.logits[:, -1]
             else:  # window full: recompute on the cropped context, as a cache-less model would
                 context = history[:, max(0, T0 + step + 1 - block_size):T0 + step + 1]
                 logits = model(context, use_cache=False, last_logits_only=True).logits[:, -1]

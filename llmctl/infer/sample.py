@@ -31,6 +31,7 @@ class SampleSettings:
     num_samples: int = 1
     seed: int | None = None  # None: a fresh random seed, reported back
     stop_at_eot: bool = True
+    speculative: bool = False  # draft with the MTP modules, verify with the main model
 
     def check(self) -> None:
         from .decode import check_sampling
@@ -59,6 +60,8 @@ class Sample:
     token_ids: list[int]
     stop_reason: str  # "eot" or "max_new_tokens"
     seconds: float
+    # speculative only: acceptance stats, and plain decoding's time for as many tokens
+    speculative: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,20 +115,25 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
     `on_text(index, piece)` receives each sample's text: sample 0's as it is generated, the
     others' once the batch is done, just before each is yielded (so a reader sees them one
     after the other). The KV cache is used; with the same seed the samples are the same.
-    Each sample's `seconds` is the batch's time.
+    Each sample's `seconds` is the batch's time. With `settings.speculative` the MTP modules
+    draft, one sample at a time, and each sample reports acceptance and speed-up over plain
+    decoding.
     """
     import torch
 
     from .decode import stream_tokens
 
     settings.check()
-    _check_memory(loaded, len(prompt.ids))
+    n = 1 if settings.speculative else settings.num_samples
+    _check_memory(loaded, len(prompt.ids), n)
     if settings.seed is None:
         settings.seed = secrets.randbits(63)
     tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
     eot_id = tokenizer.eot_id if settings.stop_at_eot else None
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    n = settings.num_samples
+    if settings.speculative:
+        yield from _speculative_samples(loaded, prompt, settings, eot_id, generator, on_text)
+        return
     idx = torch.tensor([prompt.ids] * n, dtype=torch.long, device=device)  # (N, T)
     decoders = [IncrementalDecoder(tokenizer.decode) for _ in range(n)]
     ids: list[list[int]] = [[] for _ in range(n)]
@@ -164,16 +172,82 @@ def generate_samples(loaded: LoadedCheckpoint, prompt: PromptTokens, settings: S
                      stop_reason=stop_reasons[index], seconds=seconds)
 
 
-def _check_memory(loaded: LoadedCheckpoint, prompt_tokens: int) -> None:
-    """Samples are drawn one after the other (batch 1): the prompt's forward pass and a full
-    KV cache must fit, however many samples are asked for."""
+def _speculative_samples(loaded: LoadedCheckpoint, prompt: PromptTokens,
+                         settings: SampleSettings, eot_id: int | None, generator: Any,
+                         on_text: Callable[[int, str], None] | None) -> Iterator[Sample]:
+    """One sample after the other through self-speculative decoding (batch 1)."""
+    import torch
+
+    from .speculative import SpeculativeStats, stream_speculative
+
+    tokenizer = loaded.tokenizer
+    idx = torch.tensor([prompt.ids], dtype=torch.long, device=loaded.device)  # (1, T)
+    for index in range(settings.num_samples):
+        decoder = IncrementalDecoder(tokenizer.decode)
+        ids: list[int] = []
+        pieces: list[str] = []
+        stop_reason = "max_new_tokens"
+        stats = SpeculativeStats()
+        stream = stream_speculative(loaded.model, idx, settings.max_new_tokens, stats=stats,
+                                    temperature=settings.temperature, top_k=settings.top_k,
+                                    top_p=settings.top_p, eot_id=eot_id, generator=generator,
+                                    vocab_limit=tokenizer.vocab_size)
+        start = time.perf_counter()
+        with loaded.precision.autocast():
+            for token in stream:
+                token_id = int(token[0])
+                if eot_id is not None and token_id == eot_id:
+                    stop_reason = "eot"
+                    continue
+                ids.append(token_id)
+                piece = decoder.push(token_id)
+                if piece:
+                    pieces.append(piece)
+                    if on_text is not None:
+                        on_text(index, piece)
+        seconds = time.perf_counter() - start
+        report = {**stats.to_dict(), **_plain_baseline(loaded, idx, stats.tokens, seconds,
+                                                       settings)}
+        piece = decoder.flush()
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(index, piece)
+        yield Sample(index=index, text="".join(pieces), token_ids=ids,
+                     stop_reason=stop_reason, seconds=seconds, speculative=report)
+
+
+def _plain_baseline(loaded: LoadedCheckpoint, idx: Any, tokens: int, seconds: float,
+                    settings: SampleSettings) -> dict[str, float]:
+    """Time plain KV-cache decoding of as many tokens (same settings, no EOT stop, its own
+    seeded generator) for the measured speed-up of speculative decoding."""
+    import torch
+
+    from .decode import stream_tokens
+
+    generator = torch.Generator(device=loaded.device).manual_seed(settings.seed or 0)
+    start = time.perf_counter()
+    with loaded.precision.autocast():
+        for _ in stream_tokens(loaded.model, idx, tokens, temperature=settings.temperature,
+                               top_k=settings.top_k, top_p=settings.top_p, generator=generator,
+                               vocab_limit=loaded.tokenizer.vocab_size):
+            pass
+    plain = time.perf_counter() - start
+    return {"plain_seconds": round(plain, 4),
+            "speedup": round(plain / seconds, 3) if seconds > 0 else 0.0}
+
+
+def _check_memory(loaded: LoadedCheckpoint, prompt_tokens: int, batch: int) -> None:
+    """The `batch` samples decoded together: the prompt's forward pass and a full KV cache
+    for each must fit."""
     from ..model.costs import inference_bytes
     from ..runtime.device import check_fits
 
-    need = inference_bytes(loaded.info.run.model, 1, max(1, prompt_tokens),
+    need = inference_bytes(loaded.info.run.model, batch, max(1, prompt_tokens),
                            act_bytes=loaded.precision.dtype.itemsize, all_logits=False,
                            kv_cache=True)
-    check_fits(need, loaded.device, "sampling", "use a smaller model or another --device")
+    check_fits(need, loaded.device, "sampling", "use fewer --num_samples, a smaller model or "
+               "another --device")
 
 
 def read_prompt(prompt: str, prompt_file: str | None, stdin: Any = None) -> str:

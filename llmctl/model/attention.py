@@ -25,6 +25,7 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_heads = block.kv_heads
         self.head_dim = n_embd // block.n_head
         self.rope = rope
+        self.alibi = pos_emb == "alibi"
         self.dropout = dropout
         kv_dim = self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(n_embd, n_embd + 2 * kv_dim, bias=False)
@@ -50,7 +51,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, L, hd)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        bias = pos.alibi(self.n_head, k.shape[-2]) if self.alibi else None  # (H, T, L)
+        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                             bias=bias)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 

@@ -37,6 +37,22 @@ class LayerCache:
         self.length = end
         return tuple(buffer[..., :end, :] for buffer in self.buffers)
 
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first `length` (speculative decoding's rollback)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def drop_oldest(self, n: int) -> None:
+        """Forget the first n tokens, keeping the rest in order (a sliding window: only valid
+        where cached entries carry no absolute position, as with ALiBi)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot drop {n} of {self.length} cached tokens")
+        if n:
+            for buffer in self.buffers:
+                buffer[..., : self.length - n, :] = buffer[..., n:self.length, :].clone()
+            self.length -= n
+
     @property
     def allocated(self) -> int:
         """Tokens the buffers have room for now (0 before the first append)."""
@@ -79,6 +95,14 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
+
+    def drop_oldest(self, n: int) -> None:
+        for layer in self.layers:
+            layer.drop_oldest(n)
 
     @property
     def nbytes(self) -> int:

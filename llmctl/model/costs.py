@@ -16,6 +16,11 @@ Formulas (per token, T = block_size, C = n_embd, V = vocab_size):
   parameter, plus activations: the tensors autograd keeps for backward, counted per token
   for each layer kind, times batch_size * block_size; with act_recomp only each block's
   input is kept, plus one block's activations while it is recomputed.
+- Multi-token prediction (mtp_depth D): each module's parameters (projection, norms, one
+  block like the last layer) count as total and active; its training FLOPs per token are
+  those of one more layer plus its projection and one more LM-head matmul (V * C), counted
+  over the full block_size (the module sees T - k positions, a small overestimate). The MTP
+  modules' activations are not in the memory estimate.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from ..config.schema import BlockConfig, LLMConfig, TrainConfig
 from . import LLM
 from .mlp import is_gated
 
-FLOPS_FORMULA = ("6 * (active non-embedding params + vocab_size * n_embd) + sum over layers "
-                 "of 6 * n_head * block_size * (d_qk + d_v)")
+FLOPS_FORMULA = ("6 * (active non-embedding params + (1 + mtp_depth) * vocab_size * n_embd) "
+                 "+ sum over layers (and MTP blocks) of 6 * n_head * block_size * (d_qk + d_v)")
 
 
 def build_meta_model(cfg: LLMConfig) -> LLM:
@@ -53,7 +58,8 @@ def parameter_counts(cfg: LLMConfig) -> dict[str, Any]:
             _COUNTS.pop(next(iter(_COUNTS)))
         _COUNTS[key] = {"total": total, "final_norm": _numel(model.norm_f),
                         "embedding": total - model.num_params(exclude_embeddings=True),
-                        "layers": [_layer_params(block) for block in model.blocks]}
+                        "layers": [_layer_params(block) for block in model.blocks],
+                        "mtp": [_mtp_params(module) for module in model.mtp]}
     return copy.deepcopy(_COUNTS[key])
 
 
@@ -82,6 +88,15 @@ def _layer_params(block: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def _mtp_params(module: torch.nn.Module) -> dict[str, int]:
+    """One MTP module: its block's counts plus the projection and the three norms."""
+    block = _layer_params(module.block)
+    extra = module.proj.weight.numel() + sum(
+        _numel(norm) for norm in (module.hidden_norm, module.embed_norm, module.norm_f))
+    return {"block": block["total"], "projection_and_norms": extra,
+            "total": block["total"] + extra, "active": block["active"] + extra}
+
+
 def kv_numbers_per_token(block: BlockConfig, cfg: LLMConfig) -> int:
     """Numbers one layer caches per token (per sequence)."""
     if block.attn == "mla":
@@ -101,10 +116,11 @@ def _attention_dims(block: BlockConfig, cfg: LLMConfig) -> tuple[int, int]:
 
 def _flops(cfg: LLMConfig, active_non_embedding: int) -> float:
     attention = 0
-    for block in cfg.layers:
+    head = cfg.vocab_size * cfg.n_embd * (1 + cfg.mtp_depth)  # one LM-head matmul per depth
+    for block in [*cfg.layers, *[cfg.layers[-1]] * cfg.mtp_depth]:
         d_qk, d_v = _attention_dims(block, cfg)
         attention += 6 * block.n_head * cfg.block_size * (d_qk + d_v)
-    return float(6 * (active_non_embedding + cfg.vocab_size * cfg.n_embd) + attention)
+    return float(6 * (active_non_embedding + head) + attention)
 
 
 def training_flops_per_token(cfg: LLMConfig) -> float:
@@ -191,7 +207,9 @@ def inspect_model(cfg: LLMConfig, train: TrainConfig | None = None,
         layers.append(entry)
     total, embedding, final_norm = counts["total"], counts["embedding"], counts["final_norm"]
     non_embedding = total - embedding
-    active_non_embedding = final_norm + sum(layer["active"] for layer in layers)
+    mtp = counts["mtp"]
+    active_non_embedding = (final_norm + sum(layer["active"] for layer in layers)
+                            + sum(module["active"] for module in mtp))
     kv_per_token = sum(layer["kv_cache_bytes_per_token"] for layer in layers)
     report: dict[str, Any] = {
         "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
@@ -205,6 +223,8 @@ def inspect_model(cfg: LLMConfig, train: TrainConfig | None = None,
             "final_norm": final_norm,
         },
         "layers": layers,
+        "mtp": {"depth": cfg.mtp_depth, "weight": cfg.mtp_weight, "modules": mtp,
+                "params": sum(module["total"] for module in mtp)},
         "flops": {"training_per_token": _flops(cfg, active_non_embedding),
                   "formula": FLOPS_FORMULA},
         "kv_cache": {

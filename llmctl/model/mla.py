@@ -6,7 +6,8 @@ k_h = W_uk,h · c, v_h = W_uv,h · c. With RoPE, position enters only through de
 parts of `rope_head_dim`: a rotary query per head (from the query latent) and one rotary key
 shared by all heads (from x); the score of head h is
 (q_h · k_h + q_rope,h · k_rope) / sqrt(head_dim + rope_head_dim). Without RoPE (learn / sin
-positions) it is plain latent attention.
+positions) it is plain latent attention; with ALiBi, plain latent attention plus the
+distance biases.
 
 Training decompresses per-head K/V and runs SDPA. Generation caches only [c, k_rope]
 (kv_latent_dim + rope_head_dim numbers per token) and absorbs W_uk into the query and W_uv
@@ -42,6 +43,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_latent_dim = block.kv_latent_dim
         self.rope_dim = block.rope_head_dim if rope else 0
         self.dropout = dropout
+        self.alibi = pos_emb == "alibi"  # biases on the scores; no rotary part (rope_dim 0)
         H, hd, r = self.n_head, self.head_dim, self.rope_dim
         self.q_down = nn.Linear(n_embd, block.q_latent_dim, bias=False)
         self.q_norm = make_norm(norm, block.q_latent_dim)
@@ -75,20 +77,23 @@ class MultiHeadLatentAttention(nn.Module):
             q_nope, q_rope = q.split([hd, r], dim=-1)
             q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
         dropout_p = self.dropout if self.training else 0.0
+        bias = None  # ALiBi: (H, T, L) over the L keys this call attends to
+        if self.alibi:
+            bias = pos.alibi(H, T + (cache.length if cache is not None else 0))
         if self.k_head_norm is not None:
-            y = self._qk_normed(q, c, k_rope, pos, cache, dropout_p)
+            y = self._qk_normed(q, c, k_rope, pos, cache, dropout_p, bias)
         else:
             if r:
                 k_rope = apply_rope(k_rope, cos, sin)  # (B, T, r)
             if cache is None:
-                y = self._decompressed(q, c, k_rope, dropout_p)
+                y = self._decompressed(q, c, k_rope, dropout_p, bias)
             else:
-                y = self._absorbed(q, c, k_rope, cache, dropout_p)
+                y = self._absorbed(q, c, k_rope, cache, dropout_p, bias)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
         return self.resid_drop(self.proj(y))
 
     def _decompressed(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor,
-                      dropout_p: float) -> torch.Tensor:
+                      dropout_p: float, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Training path: per-head K/V from the latent, one causal SDPA call."""
         B, T, _ = c.shape
         H, hd, r = self.n_head, self.head_dim, self.rope_dim
@@ -97,11 +102,12 @@ class MultiHeadLatentAttention(nn.Module):
             k = torch.cat((k, k_rope[:, None].expand(B, H, T, r)), dim=-1)  # (B, H, T, hd + r)
             # SDPA's fused CPU kernel wants equal q/k/v widths; zero columns change nothing.
             v = F.pad(v, (0, r))
-        y = causal_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        y = causal_attention(q, k, v, dropout_p=dropout_p, scale=self.scale, bias=bias)
         return y[..., :hd]  # (B, H, T, hd)
 
     def _absorbed(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor,
-                  cache: LayerCache, dropout_p: float) -> torch.Tensor:
+                  cache: LayerCache, dropout_p: float,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
         """Generation path: attend to cached [c, k_rope] with W_uk / W_uv absorbed."""
         H, hd, r, lat = self.n_head, self.head_dim, self.rope_dim, self.kv_latent_dim
         (latents,) = cache.append(torch.cat((c, k_rope), dim=-1))  # (B, L, lat + r)
@@ -112,12 +118,14 @@ class MultiHeadLatentAttention(nn.Module):
         kv = latents[:, None].to(q.dtype)  # (B, 1, L, lat + r): one KV head shared by all
         # Values are the latent c; using the whole [c, k_rope] row keeps widths equal for the
         # fused kernel and the extra r output columns are dropped.
-        o = causal_attention(q, kv, kv, dropout_p=dropout_p, scale=self.scale)[..., :lat]
+        o = causal_attention(q, kv, kv, dropout_p=dropout_p, scale=self.scale,
+                             bias=bias)[..., :lat]
         return torch.einsum("bhtc,hdc->bhtd", o, w_uv)  # (B, H, T, hd)
 
     def _qk_normed(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, pos: Positions,
-                   cache: LayerCache | None, dropout_p: float) -> torch.Tensor:
-        """QK-norm paths. k_rope arrives un-rotated: the key norm covers [k_nope_h | k_rope].
+                   cache: LayerCache | None, dropout_p: float,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """QK-norm paths (`bias`: ALiBi's additive (H, T, L) mask, causal entries included). k_rope arrives un-rotated: the key norm covers [k_nope_h | k_rope].
 
         Absorbed, a head's normalised key is g * [W_uk,h c, k_rope] * s_h with the scalar
         s_h = 1 / rms(key_h): the gain g moves into the query and s_h (one number per head
@@ -135,7 +143,7 @@ class MultiHeadLatentAttention(nn.Module):
                 cos, sin = pos.rope(r)
                 k = torch.cat((k[..., :hd], apply_rope(k[..., hd:], cos, sin)), dim=-1)
                 v = F.pad(v, (0, r))
-            y = causal_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            y = causal_attention(q, k, v, dropout_p=dropout_p, scale=self.scale, bias=bias)
             return y[..., :hd]  # (B, H, T, hd)
         w_uk, w_uv = self.kv_up.weight.view(2, H, hd, lat).to(q.dtype)  # (H, hd, lat) each
         k_nope = torch.einsum("btc,hdc->bhtd", c, w_uk)  # (B, H, T, hd): new tokens only
@@ -154,6 +162,8 @@ class MultiHeadLatentAttention(nn.Module):
         scores = q @ latents[:, None].transpose(-1, -2)  # (B, H, T, L)
         scores = scores * (key_scale.transpose(1, 2)[:, :, None, :].to(q.dtype) * self.scale)
         L = latents.shape[1]
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)  # (B, H, T, L)
         if T > 1:  # the T new queries are the last T of L
             visible = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
             scores = scores.masked_fill(~visible, float("-inf"))

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, T, D) against k, v (B, Hkv, L, D) where the T queries are the last T of L.
 
     L == T (training, first prefill): SDPA's causal kernel. One new query (decoding): it
@@ -21,6 +22,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropo
     """
     T, L = q.shape[-2], k.shape[-2]
     gqa = k.shape[-3] != q.shape[-3]
+    if bias is not None:  # an additive (H, T, L) float mask, causal -inf entries included
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                              dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if T == L:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                               scale=scale, enable_gqa=gqa)

@@ -15,6 +15,7 @@ from .attention import build_attention
 from .cache import KVCache, LayerCache
 from .mlp import MLP
 from .moe import MoE
+from .mtp import MTPModule
 from .norm import make_norm
 from .positional import Positions, sinusoidal
 from .recompute import checkpointed
@@ -32,6 +33,8 @@ class ModelOutput:
     aux_loss: torch.Tensor  # 0-dim: sum of the MoE balancing terms (0 without MoE / in eval)
     kv_cache: KVCache | None  # the updated cache (prefill / decode), None in training
     lm_loss: torch.Tensor | None = None  # cross-entropy alone
+    mtp_losses: list[torch.Tensor] | None = None  # cross-entropy of each MTP depth (training)
+    hidden: torch.Tensor | None = None  # (B, T, C) last block output, with return_hidden
 
 
 def _mlp(block: BlockConfig, *, n_embd: int, dropout: float, moe_dispatch: str) -> nn.Module:
@@ -95,12 +98,21 @@ class LLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self._init_weights()
+        # Built and initialised after the main model, so that its parameter names and random
+        # draws are exactly those of a model without MTP (mtp_depth 0 is today's model).
+        self.mtp = nn.ModuleList(
+            MTPModule(Block(config.layers[-1], n_embd=C, dropout=config.dropout,
+                            pos_emb=config.pos_emb, norm=config.norm, moe_dispatch=moe_dispatch),
+                      n_embd=C, norm=config.norm)
+            for _ in range(config.mtp_depth))
+        self._init_weights(self.mtp)
 
-    def _init_weights(self) -> None:
-        """GPT-2 init: N(0, std); residual output projections N(0, std / sqrt(2 n_layer))."""
+    def _init_weights(self, module: nn.Module | None = None) -> None:
+        """GPT-2 init of `module` (default: the whole model): N(0, std); residual output
+        projections N(0, std / sqrt(2 n_layer))."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * len(self.blocks))
-        for param in self.parameters():
+        for param in (self if module is None else module).parameters():
             if param.dim() < 2:
                 continue  # norms keep their ones / zeros
             nn.init.normal_(param, 0.0, residual_std if getattr(param, "residual_out", False)
@@ -114,14 +126,17 @@ class LLM(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoE]:
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+        blocks = [*self.blocks, *(module.block for module in self.mtp)]
+        return [block.ffn for block in blocks if isinstance(block.ffn, MoE)]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, *, use_cache: bool | None = None,
-                last_logits_only: bool = False) -> ModelOutput:
+                last_logits_only: bool = False, return_hidden: bool = False) -> ModelOutput:
         """idx (B, T) token ids. With targets (B, T; -1 = ignore): training, logits for every
         position, no cache. Without: prefill / decode step continuing `kv_cache` (mutated in
-        place and returned; a new one is started when None unless use_cache=False)."""
+        place and returned; a new one is started when None unless use_cache=False).
+        return_hidden keeps the last block's output before the final norm (what the MTP
+        modules read) in `out.hidden`."""
         B, T = idx.shape
         if use_cache is None:
             use_cache = targets is None or kv_cache is not None
@@ -149,6 +164,11 @@ class LLM(nn.Module):
                 x, aux = block(x, pos, kv_cache.layers[i] if use_cache else None)
             if aux is not None:
                 aux_loss = aux_loss + aux
+        mtp_losses = None
+        if targets is not None and len(self.mtp):
+            mtp_losses, mtp_aux = self._mtp_losses(x, idx, targets, recompute)
+            aux_loss = aux_loss + mtp_aux
+        hidden = x if return_hidden else None  # (B, T, C)
         x = self.norm_f(x)
         if last_logits_only:
             x = x[:, -1:]  # (B, 1, C)
@@ -160,7 +180,31 @@ class LLM(nn.Module):
             lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                       ignore_index=-1)
             loss = lm_loss + aux_loss
-        return ModelOutput(logits, loss, aux_loss, kv_cache if use_cache else None, lm_loss)
+            if mtp_losses:
+                loss = loss + self.config.mtp_weight * torch.stack(mtp_losses).mean()
+        return ModelOutput(logits, loss, aux_loss, kv_cache if use_cache else None, lm_loss,
+                           mtp_losses, hidden)
+
+    def _mtp_losses(self, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
+                    recompute: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Cross-entropy of each MTP depth k on the T - k positions that have a target k
+        tokens further on, and the MoE aux terms of the modules' blocks."""
+        T = idx.size(1)
+        losses: list[torch.Tensor] = []
+        aux_loss = torch.zeros((), device=idx.device)
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            pos = Positions(0, T - k, idx.device, self.config.rope_theta)
+            embedded = self.wte(idx[:, k:])  # (B, T - k, C): tokens i + k
+            args = (hidden[:, : T - k], embedded, pos)
+            hidden, aux = checkpointed(module, *args) if recompute else module(*args)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+            logits = self.lm_head(module.norm_f(hidden))  # (B, T - k, V)
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                          targets[:, k:].reshape(-1), ignore_index=-1))
+        return losses, aux_loss
 
     # ------------------------------------------------------------ MoE load balancing
 

@@ -101,6 +101,8 @@ def format_record(record: dict[str, Any], total: int) -> str:
         parts.append(f"grad {record['grad_norm']:.3f}")
     if record.get("aux_loss"):
         parts.append(f"aux {record['aux_loss']:.4f}")
+    if record.get("mtp_loss"):
+        parts.append("mtp " + ",".join(f"{v:.4f}" for v in record["mtp_loss"]))
     if record.get("imbalance"):
         parts.append("imb " + ",".join(f"{v:.2f}" for v in record["imbalance"]))
     parts.append(f"{human_count(record['tokens_per_s'], billions='G')} tok/s")

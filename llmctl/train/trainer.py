@@ -77,6 +77,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.lock = RunFolderLock(self.run_dir)
         self.start = StartWeights(None, None, None)  # init_from / LoRA bookkeeping
+        self._mtp_losses: list[float] = []  # the last step's loss per MTP depth
 
     # ------------------------------------------------------------------ setup
 
@@ -324,6 +325,7 @@ class Trainer:
         set_lr(self.optimizer, self.schedule(self.step))
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
+        mtp_sum = torch.zeros(self.raw_model.config.mtp_depth, device=self.device)
         for micro in range(accum):
             x, y = feed.next()
             # gradients are all-reduced only on the last micro-step
@@ -333,14 +335,18 @@ class Trainer:
                     out = model(x, targets=y)
                 # keep only the scalars: the (B, T, vocab) logits must not outlive the step
                 loss, aux = out.loss, out.aux_loss
+                mtp = torch.stack(out.mtp_losses).detach().float() if out.mtp_losses else None
                 del out
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float()
             aux_sum += aux.detach().float()
+            if mtp is not None:
+                mtp_sum[: len(mtp)] += mtp
         # one small all-reduce: mean loss, mean aux loss, and whether any rank got a signal
         flag = torch.tensor(float(stop.requested is not None), device=self.device)
-        packed = dist_utils.all_reduce_(torch.stack([loss_sum / accum, aux_sum / accum, flag]),
-                                        "sum")
+        packed = dist_utils.all_reduce_(torch.cat([torch.stack([loss_sum / accum,
+                                                                aux_sum / accum, flag]),
+                                                   mtp_sum / accum]), "sum")
         scaler.unscale_(self.optimizer)  # a no-op without fp16
         params = self.raw_model.parameters()
         if self.cfg.grad_clip > 0:
@@ -349,8 +355,9 @@ class Trainer:
             grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         # the step's only host sync: loss, aux loss, stop votes and gradient norm together
         grad_norm = local_value(grad_norm).reshape(1).to(packed)
-        loss, aux, votes, norm = torch.cat([packed, grad_norm]).tolist()
+        loss, aux, votes, *mtp_losses, norm = torch.cat([packed, grad_norm]).tolist()
         loss, aux = loss / self.env.world_size, aux / self.env.world_size
+        self._mtp_losses = [value / self.env.world_size for value in mtp_losses]
         if not (math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())):
             # fp16 skips steps with inf gradients itself (the scaler backs off); otherwise
             # such a step would poison the weights
@@ -396,6 +403,8 @@ class Trainer:
             "tokens": self.step * self.cfg.total_batch_size,
             "time": self.elapsed + self._clock(),
         }
+        if self._mtp_losses:
+            record["mtp_loss"] = self._mtp_losses  # per depth: index 0 predicts 2 tokens ahead
         if self._imbalance is not None:
             record["aux_loss"] = aux
             record["imbalance"] = [float(c.max() / c.mean().clamp_min(1e-9) - 1)

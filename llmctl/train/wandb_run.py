@@ -35,7 +35,9 @@ class WandbRun:
         for key, value in record.items():
             if key in ("step", "kind") or value is None:
                 continue
-            if isinstance(value, list):  # per-layer values → one chart each
+            if key == "mtp_loss":  # per MTP depth (1 = two tokens ahead) → one chart each
+                flat.update({f"{key}/depth_{i + 1}": v for i, v in enumerate(value)})
+            elif isinstance(value, list):  # per-layer values → one chart each
                 flat.update({f"{key}/layer_{i}": v for i, v in enumerate(value)})
             else:
                 flat[key] = value

@@ -31,6 +31,7 @@ ARCHS = {
             "rope_head_dim": 4, "pos_emb": "rope"},
     "moe": {"attn": "mqa", "n_head": 2, "moe": True, "n_exp": 4, "n_shared": 1, "n_act": 2,
             "coeff": 0.01, "pos_emb": "sin"},
+    "mtp": {"attn": "gqa", "n_head": 4, "n_kv_heads": 2, "pos_emb": "alibi", "mtp_depth": 2},
 }
 runner = CliRunner()
 
@@ -428,3 +429,24 @@ def test_num_samples_decode_as_one_batch(trained):
     one = list(generate_samples(loaded, prompt, SampleSettings(num_samples=1, **greedy)))
     three = list(generate_samples(loaded, prompt, SampleSettings(num_samples=3, **greedy)))
     assert all(s.token_ids == one[0].token_ids for s in three)
+
+
+def test_speculative_greedy_equals_plain_greedy_and_reports_acceptance(tmp_path, char_tok):
+    ckpt = make_checkpoint(tmp_path / "ckpt", char_tok, arch="mtp", train_steps=40)
+    args = (ckpt, "--prompt", "The fox r", "--temperature", "0", "--max_new_tokens", "30",
+            "--no-stop_at_eot")
+    plain = sample_json(*args)
+    spec = sample_json(*args, "--speculative")
+    assert spec["samples"][0]["token_ids"] == plain["samples"][0]["token_ids"]
+    report = spec["samples"][0]["speculative"]
+    assert 0 <= report["acceptance_rate"] <= 1 and report["drafted"] > 0
+    assert report["speedup"] > 0 and report["tokens_per_forward"] >= 1
+    result = invoke(*args, "--speculative")
+    assert result.exit_code == 0, result.output
+    assert "acceptance rate" in result.stderr and "speed-up" in result.stderr
+
+
+def test_speculative_without_mtp_modules_is_a_user_error(trained):
+    result = invoke(trained / "best", "--speculative", "--max_new_tokens", "3")
+    assert result.exit_code == 2
+    assert "mtp_depth" in result.output

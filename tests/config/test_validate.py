@@ -18,7 +18,7 @@ def _layer(**kw):
 CASES = [
     # (settings, dotted key, fragment of the message)
     ({"attn": "gqq"}, "model.attn", "'gqq' is not one of mha, mqa, gqa, mla (did you mean 'gqa'?)"),
-    ({"pos_emb": "alibi"}, "model.pos_emb", "'alibi' is not one of learn, sin, rope"),
+    ({"pos_emb": "xpos"}, "model.pos_emb", "'xpos' is not one of learn, sin, rope, alibi"),
     ({"norm": "batch"}, "model.norm", "'batch' is not one of layer, rms"),
     ({"non_linearity": "swigly"}, "model.non_linearity", "(did you mean 'swiglu'?)"),
     ({"dtype": "fp8"}, "train.dtype", "'fp8' is not one of auto, float32, bfloat16, float16"),

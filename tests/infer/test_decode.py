@@ -177,3 +177,21 @@ def test_padding_ids_of_a_padded_vocabulary_are_never_sampled() -> None:
         out = generate(model, prompt, 20, temperature=temperature, vocab_limit=40,
                        generator=torch.Generator().manual_seed(0))
         assert (out[:, 3:] < 40).all()
+
+
+@pytest.mark.parametrize("attn", ["mha", "gqa", "mla"])
+def test_alibi_samples_past_block_size_with_a_sliding_cache(attn: str) -> None:
+    model = _model(attn=attn, pos_emb="alibi").eval()
+    prompt = torch.randint(0, 53, (1, 5))
+    got = generate(model, prompt, 30, temperature=0)  # 35 tokens > block_size 16
+    assert got.shape == (1, 35)
+    # Up to block_size the sliding cache is the plain cache: the cropping reference agrees.
+    assert torch.equal(got[:, :16], _reference_greedy(model, prompt, 11))
+    # Past it, each step drops the oldest cached token and feeds the newest one.
+    with torch.no_grad():
+        cache = model(got[:, :16]).kv_cache
+        for t in range(16, 34):
+            cache.drop_oldest(1)
+            logits = model(got[:, t:t + 1], kv_cache=cache).logits  # (1, 1, V)
+            assert cache.length == 16
+            assert int(logits[0, -1].argmax()) == int(got[0, t + 1])

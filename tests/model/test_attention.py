@@ -18,7 +18,7 @@ from llmctl.model.positional import Positions
 ATTNS = ["mha", "mqa", "gqa", "mla"]
 
 
-@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope"])
+@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope", "alibi"])
 @pytest.mark.parametrize("attn", ATTNS)
 def test_changing_a_token_changes_no_earlier_logit(make_config, moe_flags, attn: str,
                                                   pos_emb: str) -> None:

@@ -22,7 +22,7 @@ def _full_vs_cached(model: LLM, idx: torch.Tensor, prefill: int, chunk: int = 1)
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
-@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope"])
+@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope", "alibi"])
 @pytest.mark.parametrize("attn", ["mha", "mqa", "gqa", "mla"])
 def test_prefill_then_decode_equals_full_forward(make_config, attn: str, pos_emb: str,
                                                 norm: str) -> None:
@@ -31,7 +31,7 @@ def test_prefill_then_decode_equals_full_forward(make_config, attn: str, pos_emb
     assert _full_vs_cached(model, idx, prefill=7) <= 1e-4
 
 
-@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope"])
+@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope", "alibi"])
 def test_heterogeneous_stack_with_moe(make_config, mixed_layers, pos_emb: str) -> None:
     model = LLM(make_config(pos_emb=pos_emb, layer_configs=mixed_layers, n_layer=None))
     idx = torch.randint(0, 61, (3, 22))

@@ -104,7 +104,7 @@ def test_last_logits_only_matches_the_full_last_row(make_config) -> None:
     assert torch.allclose(full[:, -1:], last, atol=1e-6)
 
 
-@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope"])
+@pytest.mark.parametrize("pos_emb", ["learn", "sin", "rope", "alibi"])
 def test_positions_reach_the_model(make_config, pos_emb: str) -> None:
     # Without position information, attention is blind to the order of earlier tokens.
     model = LLM(make_config(pos_emb=pos_emb, init_std=0.2)).eval()

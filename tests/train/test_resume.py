@@ -19,10 +19,11 @@ MAX_ITERS = 40
 @pytest.fixture
 def flags(tiny, hetero):
     # dropout (torch RNG), an aux-free MoE layer (bias buffers), eval + best (best val),
-    # two micro-steps per step (sampler state mid-step)
+    # two micro-steps per step (sampler state mid-step), a multi-token prediction module
+    # (whose block is the aux-free MoE layer again)
     return tiny(max_iters=MAX_ITERS, save_model=True, ckpt_interval=4, eval=True,
                 eval_interval=10, eval_iters=2, dropout=0.1, batch_size=2, log_interval=5,
-                **hetero)
+                mtp_depth=1, **hetero)
 
 
 def _finish(proc, timeout=120) -> str:

@@ -37,3 +37,25 @@ def test_gpt2_rank_file_is_copied_and_the_checkpoint_stands_alone(tmp_path, shak
     assert loaded.tokenizer.encode("Hello world") == [15496, 995]  # GPT-2's ids
     ids = torch.tensor([loaded.tokenizer.encode("Hello world")])
     assert loaded.model(ids).logits.shape == (1, 2, 50304)
+
+
+def test_trained_bpe_is_copied_and_the_checkpoint_stands_alone(tmp_path, shakespeare_txt):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_txt.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    prepared = prepare_dataset(PrepareOptions(
+        source=str(corpus), name="bpetiny", data_dir=tmp_path / "data", tokenizer="bpe",
+        bpe_vocab=300, progress=False, num_proc=1))
+    spec = prepared.meta["tokenizer"]
+    assert spec["kind"] == "bpe" and spec["file"] == "tokenizer.json"
+    flags = {"dataset": "bpetiny", "data_dir": str(tmp_path / "data"),
+             "out_dir": str(tmp_path / "runs"), "file_name": "b", "n_layer": 1, "n_embd": 16,
+             "n_head": 2, "block_size": 16, "vocab_size": 320, "up_dim": 32,
+             "batch_size": 2, "total_batch_size": 32, "max_iters": 2, "save_model": True}
+    Trainer(load_config(overrides=flags), verbose=False).fit()
+    latest = tmp_path / "runs" / "b" / "latest"
+    data_file = tmp_path / "data" / "bpetiny" / "tokenizer.json"
+    assert (latest / "tokenizer.json").read_bytes() == data_file.read_bytes()
+    shutil.rmtree(tmp_path / "data")  # sample / eval must not need the dataset
+    loaded = load_checkpoint(latest, device="cpu")
+    assert loaded.tokenizer.kind == "bpe"
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("ROMEO: hi")) == "ROMEO: hi"

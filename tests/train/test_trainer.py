@@ -183,3 +183,19 @@ def read_checkpoint_or_none(flags):
 
     path = Path(flags["out_dir"]) / flags["file_name"] / "latest"
     return read_checkpoint(path) if path.exists() else None
+
+
+def test_mtp_logs_each_depths_loss_and_reloads(tiny, records, hetero):
+    flags = tiny(file_name="mtp", max_iters=6, save_model=True, mtp_depth=2, mtp_weight=0.5,
+                 **hetero)
+    trainer, result = _fit(flags)
+    train = [r for r in records(result.run_dir) if r["kind"] == "train"]
+    assert all(len(r["mtp_loss"]) == 2 for r in train)
+    assert all(math.isfinite(v) and v > 0 for r in train for v in r["mtp_loss"])
+    # the imbalance list covers the MTP modules' aux-free MoE blocks too (1 + 2)
+    assert len(train[-1]["imbalance"]) == 3
+    assert train[-1]["mtp_loss"] != train[0]["mtp_loss"]
+    loaded = load_checkpoint(result.run_dir / "latest", device="cpu")
+    assert loaded.model.config.mtp_depth == 2 and len(loaded.model.mtp) == 2
+    weights = read_weights(result.run_dir / "latest")
+    assert any(name.startswith("mtp.1.") for name in weights)
