@@ -125,7 +125,8 @@ class MultiHeadLatentAttention(nn.Module):
     def _qk_normed(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, pos: Positions,
                    cache: LayerCache | None, dropout_p: float,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-        """QK-norm paths (`bias`: ALiBi's additive (H, T, L) mask, causal entries included). k_rope arrives un-rotated: the key norm covers [k_nope_h | k_rope].
+        """QK-norm paths (`bias`: ALiBi's additive (H, T, L) mask, causal entries included).
+        k_rope arrives un-rotated: the key norm covers [k_nope_h | k_rope].
 
         Absorbed, a head's normalised key is g * [W_uk,h c, k_rope] * s_h with the scalar
         s_h = 1 / rms(key_h): the gain g moves into the query and s_h (one number per head
