@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("transformers")
 
 CHARS = "".join(sorted("\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-BASE = {"n_layer": 2, "n_embd": 32, "block_size": 32, "n_head": 4, "up_dim": 48,
+BASE = {"attn": "mha", "n_layer": 2, "n_embd": 32, "block_size": 32, "n_head": 4,
+        "up_dim": 48,
         "vocab_size": len(CHARS) + 1, "dropout": 0.0}
 
 

@@ -16,7 +16,7 @@ from llmctl.runtime.checkpoint import read_checkpoint, read_weights
 from llmctl.train.optim import MuonWithAdamW, build_optimizer, muon_split, set_lr
 from llmctl.train.trainer import Trainer
 
-TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "n_kv_heads": 2, "block_size": 8,
+TINY = {"attn": "mha", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_kv_heads": 2, "block_size": 8,
         "vocab_size": 32, "up_dim": 32, "total_batch_size": 16, "batch_size": 2,
         "optimizer": "muon", "weight_decay": 0.1, "muon_momentum": 0.9}
 
