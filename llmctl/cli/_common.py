@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -49,3 +51,22 @@ def load_for_inference(path: str, device: str, dtype: str):
     from ..infer.load import load_checkpoint
 
     return load_checkpoint(path, device=device, dtype=dtype)
+
+
+def with_hf_init(config_files: list, overrides: dict[str, Any],
+                 scratch: Path | None = None) -> dict[str, Any]:
+    """`init_from: hf:PATH` (a flag or a config file's key) imported as an llmctl checkpoint
+    (into the run folder, or `scratch`: validate-config writes nothing there), and the flags
+    pointing `init_from` at it; the flags as they are otherwise."""
+    from ..config import load_config
+
+    if not str(overrides.get("init_from") or "").startswith("hf:") and not config_files:
+        return overrides
+    probe = load_config(*config_files, overrides=overrides, check_batch_split=False)
+    init_from = probe.train.init_from
+    if not init_from or not init_from.startswith("hf:"):
+        return overrides
+    from ..interop.hf_init import resolve_hf_init
+    from ..train.run_folder import run_dir
+
+    return resolve_hf_init(init_from, scratch or run_dir(probe), overrides)

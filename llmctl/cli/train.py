@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from ..core.errors import LlmctlError
+from ._common import with_hf_init
 from .options import with_config_options
 
 
@@ -36,6 +37,8 @@ def train(
 
         die_with_parent()  # never outlive the launcher
     try:
+        if rank == "0" and not launched_worker:  # the --nproc workers get the imported path
+            overrides = with_hf_init(config_files, overrides)
         if nproc and nproc > 1:
             from ..train.launch import launch_training
 

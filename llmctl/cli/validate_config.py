@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from ._common import user_errors
+from ._common import user_errors, with_hf_init
 from .options import with_config_options
 
 
@@ -31,10 +31,15 @@ def validate_config(
         sources = [*(files or []), *config_files]
         probe = load_config(*sources, overrides=overrides, check_batch_split=False)
         if probe.train.init_from and not probe.train.resume:
-            # the architecture comes from the checkpoint: resolve it as train does
+            # the architecture comes from the checkpoint: resolve it as train does (an
+            # hf:PATH is imported into a temporary folder: validation writes nothing)
+            import tempfile
+
             from ..train.resume import resolve_run_config
 
-            run = resolve_run_config(sources, dict(overrides or {}), world_size)
+            with tempfile.TemporaryDirectory() as scratch:
+                flags = with_hf_init(sources, dict(overrides or {}), Path(scratch))
+                run = resolve_run_config(sources, flags, world_size)
         else:
             run = load_config(*sources, overrides=overrides, world_size=world_size)
     if as_json:

@@ -32,9 +32,10 @@ class InitSource:
 def read_init_source(spec: str) -> InitSource:
     """The checkpoint `--init_from` names (a checkpoint, or a run folder: best, else latest)."""
     if spec.startswith(HF_PREFIX):
-        raise LlmctlError(f"--init_from {spec}: Hugging Face folders are not yet supported "
-                          "here (they come with the interchange import); give an llmctl "
-                          "checkpoint or run folder")
+        raise LlmctlError(f"--init_from {spec}: a Hugging Face folder is imported by the "
+                          "llmctl command line (`llmctl train --init_from hf:PATH`, also with "
+                          "--nproc); under torchrun itself, every rank after the first needs "
+                          "the imported checkpoint: pass RUN_FOLDER/init_from_hf instead")
     try:
         info = read_checkpoint(Path(spec).expanduser())
     except CheckpointError as err:

@@ -62,10 +62,10 @@ def test_a_shape_changing_flag_is_refused_with_every_difference(base):
     assert run.model.dropout == 0.2 and run.model.n_embd == 32
 
 
-def test_resume_and_init_from_are_exclusive_and_hf_is_not_yet_here(base):
+def test_resume_and_init_from_are_exclusive_and_hf_is_imported_by_the_cli(base):
     with pytest.raises(LlmctlError, match="give one of them"):
         resolve_run_config([], _flags(base, resume="auto"))
-    with pytest.raises(LlmctlError, match="not yet supported"):
+    with pytest.raises(LlmctlError, match="imported by the llmctl command line"):
         resolve_run_config([], _flags(base, init_from="hf:gpt2"))
 
 
