@@ -98,21 +98,11 @@ class RandomBatchSampler:
         return _to_tensors(self._windows[starts])  # one gather, no per-row Python loop
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "random_windows", "version": 1, "seed": self.seed,
-                "samples_drawn": self.samples_drawn, "batch_size": self.batch_size,
-                "block_size": self.block_size, "world_size": self.world_size,
-                "num_tokens": int(len(self.tokens))}
+        return _sampler_state(self, "random_windows")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` left off; refuses the state of another dataset or window size."""
-        if not isinstance(state, dict) or state.get("kind") != "random_windows":
-            raise LlmctlError("not a random-window sampler state")
-        for key, ours in (("num_tokens", len(self.tokens)), ("block_size", self.block_size)):
-            if state.get(key) != ours:
-                raise LlmctlError(f"sampler state is for {key}={state.get(key)}, but {self.name} "
-                                  f"has {key}={ours}: resume with the same dataset and block_size")
-        self.seed = int(state["seed"])
-        self.samples_drawn = int(state["samples_drawn"])
+        _load_sampler_state(self, state, "random_windows", "not a random-window sampler state")
 
 
 class ChatBatchSampler:
@@ -173,20 +163,31 @@ class ChatBatchSampler:
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "chat_conversations", "version": 1, "seed": self.seed,
-                "samples_drawn": self.samples_drawn, "batch_size": self.batch_size,
-                "block_size": self.block_size, "world_size": self.world_size,
-                "num_tokens": int(len(self.tokens))}
+        return _sampler_state(self, "chat_conversations")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "chat_conversations":
-            raise LlmctlError("not a chat sampler state (the run used another kind of dataset)")
-        for key, ours in (("num_tokens", len(self.tokens)), ("block_size", self.block_size)):
-            if state.get(key) != ours:
-                raise LlmctlError(f"sampler state is for {key}={state.get(key)}, but {self.name} "
-                                  f"has {key}={ours}: resume with the same dataset and block_size")
-        self.seed = int(state["seed"])
-        self.samples_drawn = int(state["samples_drawn"])
+        _load_sampler_state(self, state, "chat_conversations",
+                            "not a chat sampler state (the run used another kind of dataset)")
+
+
+def _sampler_state(sampler: Any, kind: str) -> dict[str, Any]:
+    """What a seeded batch sampler needs to resume: its seed and samples drawn, plus the
+    shape of the data it drew from (checked on load)."""
+    return {"kind": kind, "version": 1, "seed": sampler.seed,
+            "samples_drawn": sampler.samples_drawn, "batch_size": sampler.batch_size,
+            "block_size": sampler.block_size, "world_size": sampler.world_size,
+            "num_tokens": int(len(sampler.tokens))}
+
+
+def _load_sampler_state(sampler: Any, state: dict[str, Any], kind: str, wrong_kind: str) -> None:
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        raise LlmctlError(wrong_kind)
+    for key, ours in (("num_tokens", len(sampler.tokens)), ("block_size", sampler.block_size)):
+        if state.get(key) != ours:
+            raise LlmctlError(f"sampler state is for {key}={state.get(key)}, but {sampler.name} "
+                              f"has {key}={ours}: resume with the same dataset and block_size")
+    sampler.seed = int(state["seed"])
+    sampler.samples_drawn = int(state["samples_drawn"])
 
 
 class SequentialBatches:
