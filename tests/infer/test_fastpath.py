@@ -7,7 +7,7 @@ import torch
 
 from llmctl.config import load_config
 from llmctl.infer.decode import generate
-from llmctl.infer.fastpath import FastDecoder, supports
+from llmctl.infer.fastpath import FastDecoder, supports, transposed_weights
 from llmctl.model import LLM
 
 MIXED = [
@@ -84,3 +84,33 @@ def test_unknown_modules_use_the_reference_path() -> None:
     model.blocks[0].attn_norm = torch.nn.Identity()
     assert not supports(model)
     assert generate(model, torch.zeros(1, 2, dtype=torch.long), 4, temperature=0).shape == (1, 6)
+
+
+def test_cpu_fp32_weights_are_used_transposed_and_contiguous() -> None:
+    model = _model(attn="mla", pos_emb="rope")
+    weights = transposed_weights(model)
+    head = weights[id(model.lm_head.weight)]
+    assert head.is_contiguous() and torch.equal(head, model.lm_head.weight.t())
+    assert head.data_ptr() != model.lm_head.weight.data_ptr()  # a copy, not the parameter
+    assert len(weights) == 1 + 6 * len(model.blocks)  # head; q_down, q_up, kv_down, proj, up, down
+
+
+def test_no_weight_copies_when_they_would_not_fit(monkeypatch) -> None:
+    import llmctl.infer.fastpath as fastpath
+
+    model = _model()
+    monkeypatch.setattr(fastpath, "available_memory", lambda device: (1000, "test"))
+    weights = transposed_weights(model)
+    assert all(w.data_ptr() == p.data_ptr() for p in model.parameters()
+               for w in [weights.get(id(p))] if w is not None)
+    prompt = torch.randint(0, 53, (1, 4))
+    assert torch.equal(generate(model, prompt, 8, temperature=0),
+                       generate(model, prompt, 8, temperature=0, fast=False))
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_bfloat16_greedy_tokens_equal_the_reference(attn) -> None:
+    model = _model(attn=attn, pos_emb="rope").to(torch.bfloat16)
+    prompt = torch.randint(0, 53, (2, 5))
+    assert torch.equal(generate(model, prompt, 15, temperature=0),
+                       generate(model, prompt, 15, temperature=0, fast=False))
