@@ -89,7 +89,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
         offsets = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offsets)
     slices = x.split(counts.tolist())
-    return torch.cat([xs @ w[e] for e, xs in enumerate(slices)])
+    # unbind, not w[e]: its backward stacks the group gradients once, where indexing would
+    # add each one into its own zero-filled copy of the whole stack
+    return torch.cat([xs @ we for xs, we in zip(slices, w.unbind(0), strict=True)])
 
 
 class RoutedExperts(nn.Module):
