@@ -19,11 +19,12 @@ def checkpoint_from_hf(path: str, folder: Path) -> Path:
     from ..runtime.checkpoint import save_checkpoint
 
     imported = load_hf(path)
-    if imported.tokenizer_spec.get("kind") == "hf":
+    if imported.tokenizer_spec.get("kind") == "transformers":
         raise LlmctlError(
-            f"--init_from {path}: its tokenizer is not one llmctl can prepare data with "
-            "(gpt2 / tiktoken, char, byte, bpe), so no dataset could match it; only models "
-            "with such a tokenizer (e.g. exported by llmctl) can be trained from here")
+            f"--init_from {path}: its tokenizer has no tokenizer.json (a slow tokenizer only), "
+            "so no dataset could be prepared with it; load it with transformers and "
+            "save_pretrained it (that writes tokenizer.json), then prepare the data with "
+            f"--tokenizer {path}")
     with tempfile.TemporaryDirectory() as tmp:
         imported.tokenizer.save_files(Path(tmp))
         files = sorted(Path(tmp).iterdir())
