@@ -32,6 +32,13 @@ def _dataset(tmp_path, ckpt):
     return data
 
 
+def _train_flags(tmp_path, data, name: str, *, iters: int, total: int) -> list[str]:
+    return ["--init_from", f"hf:{tmp_path / 'hf'}", "--dataset", "hfdata", "--data_dir",
+            str(data), "--out_dir", str(tmp_path / "runs"), "--file_name", name,
+            "--max_iters", str(iters), "--batch_size", "2", "--total_batch_size", str(total),
+            "--save_model", "--eval_iters", "1", "--device", "cpu", "--seed", "5"]
+
+
 @pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
 def test_init_from_an_export_starts_from_its_exact_weights(case, checkpoint, tmp_path):
     from llmctl.infer.evaluate import EvalRequest, evaluate_checkpoint
@@ -43,10 +50,7 @@ def test_init_from_an_export_starts_from_its_exact_weights(case, checkpoint, tmp
     ckpt = checkpoint(CASES[case][0])
     export_checkpoint(ckpt, tmp_path / "hf")
     data = _dataset(tmp_path, ckpt)
-    flags = ["--init_from", f"hf:{tmp_path / 'hf'}", "--dataset", "hfdata", "--data_dir",
-             str(data), "--out_dir", str(tmp_path / "runs"), "--file_name", "ft",
-             "--max_iters", "1", "--batch_size", "2", "--total_batch_size", "64",
-             "--save_model", "--eval_iters", "1", "--device", "cpu", "--seed", "5"]
+    flags = _train_flags(tmp_path, data, "ft", iters=1, total=64)
     result = CliRunner().invoke(app, ["train", *flags])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "ft"
@@ -104,10 +108,7 @@ def test_hand_started_torchrun_imports_once_for_every_rank(checkpoint, tmp_path)
     ckpt = checkpoint(CASES["llama_gqa"][0])
     export_checkpoint(ckpt, tmp_path / "hf")
     data = _dataset(tmp_path, ckpt)
-    flags = ["--init_from", f"hf:{tmp_path / 'hf'}", "--dataset", "hfdata", "--data_dir",
-             str(data), "--out_dir", str(tmp_path / "runs"), "--file_name", "ddp",
-             "--max_iters", "2", "--batch_size", "2", "--total_batch_size", "128",
-             "--save_model", "--eval_iters", "1", "--device", "cpu", "--seed", "5"]
+    flags = _train_flags(tmp_path, data, "ddp", iters=2, total=128)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run(torchrun_command(2, flags), capture_output=True, text=True, env=env,
                           timeout=300)
