@@ -82,8 +82,10 @@ def prepare(
     tokenizer: str | None = typer.Option(
         None, "--tokenizer", rich_help_panel=_TOKENS, show_default=False,
         help="gpt2 (default; built in, no download), another tiktoken encoding (cl100k_base, "
-        "...; tiktoken downloads it), char, byte, or bpe (a byte-level BPE trained on the "
-        "training split, see --bpe_vocab)."),
+        "...; tiktoken downloads it), char, byte, bpe (a byte-level BPE trained on the "
+        "training split, see --bpe_vocab), or hf:PATH (the tokenizer.json of a transformers "
+        "folder, or that file: a model to fine-tune with train --init_from hf:PATH; needs "
+        "the hf extra; copied into the dataset)."),
     bpe_vocab: int = typer.Option(
         8192, "--bpe_vocab", min=257, rich_help_panel=_TOKENS,
         help="--tokenizer bpe: vocabulary size (end-of-text included) of the trained BPE."),

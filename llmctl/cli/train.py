@@ -37,7 +37,8 @@ def train(
 
         die_with_parent()  # never outlive the launcher
     try:
-        if rank == "0" and not launched_worker:  # the --nproc workers get the imported path
+        if not launched_worker:  # the --nproc workers get the imported path
+            # every rank of a hand-started torchrun: the first imports, the others wait
             overrides = with_hf_init(config_files, overrides)
         if nproc and nproc > 1:
             from ..train.launch import launch_training

@@ -77,6 +77,10 @@ class BlockConfig:
         False, help="QK-norm: RMS-normalise each head's query and key (learned gains) before "
         "RoPE and the dot product; bounds attention logits (every attention kind).",
         panel="Attention")
+    latent_norm_eps: float = _f(
+        1e-5, help="MLA only: epsilon of the norms over the query and key/value latents "
+        "(DeepSeek's transformers models use 1e-6; import of a DeepSeek model sets that).",
+        panel="Attention")
 
     @property
     def kv_heads(self) -> int:

@@ -115,6 +115,8 @@ def _check_block(check: _Checker, p: str, b: BlockConfig, run: RunConfig) -> Non
                 check.add(p + name, f"mla needs {name}")
             else:
                 check.size(p + name, value)
+        if not 0 < b.latent_norm_eps <= 0.1:  # also catches NaN
+            check.add(p + "latent_norm_eps", f"must be in (0, 0.1], got {b.latent_norm_eps}")
         if rope:
             if b.rope_head_dim is None:
                 check.add(p + "rope_head_dim", "mla with pos_emb=rope needs rope_head_dim")

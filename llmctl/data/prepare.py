@@ -28,6 +28,7 @@ from ..core.files import file_kind, swap_folder, write_bytes_atomic, write_json_
 from . import layout
 from .chat import MASK_SUFFIX, OFFSETS_SUFFIX
 from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
+from .hf_tokenizer import is_hf_tokenizer
 from .pipeline import SplitWriter, TokenizerPool, batch_pieces, worker_count
 from .progress import Progress
 from .registry import DATASETS, HUB_DATASETS
@@ -163,6 +164,8 @@ def _check_options(opts: PrepareOptions) -> None:
                         f"end-of-text), got {opts.bpe_vocab}")
     if opts.tokenizer == "char" and opts.tokenizer_file:
         problems.append("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
+    if is_hf_tokenizer(opts.tokenizer) and opts.tokenizer_file:
+        problems.append("--tokenizer_file is for tiktoken rank files, not --tokenizer hf:PATH")
     if opts.source is not None and not is_url(str(opts.source)) and not Path(
             opts.source).expanduser().exists():
         problems.append(f"--source {opts.source} does not exist")  # before any tokenizer
@@ -221,6 +224,9 @@ def _fingerprint(opts: PrepareOptions, name: str) -> dict[str, Any]:
         source = os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_SOURCE
     file = opts.tokenizer_file or (os.environ.get(TIKTOKEN_FILE_ENV)
                                    if opts.tokenizer not in ("char", "byte", "bpe") else None)
+    if is_hf_tokenizer(opts.tokenizer):  # the content decides, not where it lies
+        folder = Path(opts.tokenizer.removeprefix("hf:")).expanduser()
+        file = folder / "tokenizer.json" if folder.is_dir() else folder
     file_sha = None
     if file:
         with contextlib.suppress(OSError):

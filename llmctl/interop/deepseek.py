@@ -8,9 +8,12 @@ V3: sigmoid routing with a score-correction bias for selection, gates normalised
 llmctl's RoPE rotates pairs (i, i + r/2). DeepSeek-V2 in transformers rotates interleaved
 pairs (2i, 2i + 1), so the rotary rows of q_b_proj and kv_a_proj_with_mqa are permuted;
 V3 is exported with rope_interleave=false (rotate-half), which needs no permutation.
-transformers' latent norms (q_a_layernorm, kv_a_layernorm) use eps 1e-6 where llmctl's use
-1e-5. RMSNorm is scale-invariant up to eps (norm(s*x; s^2*eps) = norm(x; eps)), so the
-weights feeding them are scaled by sqrt(1e-6 / 1e-5) on export (and back on import): exact."""
+transformers' latent norms (q_a_layernorm, kv_a_layernorm) hard-code eps 1e-6; llmctl's
+use the block's `latent_norm_eps` (default 1e-5; import sets 1e-6, so a transformers model's
+weights are copied unscaled and a model trained from it exports unscaled: bitwise both ways).
+For another eps, RMSNorm's scale invariance up to eps (norm(s*x; s^2*eps) = norm(x; eps))
+makes export scale the weights feeding the latent norms by sqrt(1e-6 / eps) and record the
+eps (`llmctl_latent_norm_eps`), which import reads to scale back (exact up to rounding)."""
 
 from __future__ import annotations
 
@@ -33,8 +36,20 @@ from .adapter import (
 )
 
 HF_LATENT_EPS = 1e-6  # hard-coded in transformers' DeepSeek attention
-LATENT_SCALE = math.sqrt(HF_LATENT_EPS / NORM_EPS)
-_ATTN_KEYS = ("n_head", "q_latent_dim", "kv_latent_dim", "rope_head_dim")
+EPS_KEY = "llmctl_latent_norm_eps"  # config.json: the eps of an llmctl export's latent norms
+_ATTN_KEYS = ("n_head", "q_latent_dim", "kv_latent_dim", "rope_head_dim", "latent_norm_eps")
+
+
+def latent_scale(eps: float) -> float:
+    """What the weights feeding an eps-`eps` latent norm are multiplied by for transformers
+    (exactly 1.0 for eps 1e-6)."""
+    return 1.0 if eps == HF_LATENT_EPS else math.sqrt(HF_LATENT_EPS / eps)
+
+
+def _scaled(w: torch.Tensor, scale: float, inverse: bool = False) -> torch.Tensor:
+    if scale == 1.0:
+        return w  # no arithmetic: bitwise
+    return w / scale if inverse else w * scale
 _MOE_KEYS = ("up_dim", "n_exp", "n_shared", "n_act", "aux_free")
 
 
@@ -100,6 +115,8 @@ def _to_hf_config(config: LLMConfig, vocab: int, version: int) -> dict[str, Any]
            "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
            "first_k_dense_replace": len(dense), "n_group": 1, "topk_group": 1,
            "routed_scaling_factor": 1.0, **rope_config(config.rope_theta)}
+    if first.latent_norm_eps != HF_LATENT_EPS:  # weights rescaled: import scales them back
+        out[EPS_KEY] = first.latent_norm_eps
     if moe:
         m = moe[0]
         out |= {"n_routed_experts": m.n_exp - m.n_shared, "n_shared_experts": m.n_shared,
@@ -125,6 +142,7 @@ def _to_hf(sd: StateDict, config: LLMConfig, version: int) -> StateDict:
     H, hd, r, lat = first.n_head, config.n_embd // first.n_head, first.rope_head_dim, \
         first.kv_latent_dim
     perm = _interleave(r) if version == 2 else torch.arange(r)
+    scale = latent_scale(first.latent_norm_eps)
     out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["norm_f.weight"]}
     for i, layer in enumerate(config.layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
@@ -132,11 +150,11 @@ def _to_hf(sd: StateDict, config: LLMConfig, version: int) -> StateDict:
         q_up = sd[a + "q_up.weight"].view(H, hd + r, -1)
         q_up = torch.cat((q_up[:, :hd], q_up[:, hd:][:, perm]), dim=1).reshape(H * (hd + r), -1)
         kv_down = sd[a + "kv_down.weight"]
-        kv_down = torch.cat((kv_down[:lat] * LATENT_SCALE, kv_down[lat:][perm]))
+        kv_down = torch.cat((_scaled(kv_down[:lat], scale), kv_down[lat:][perm]))
         kv_up = sd[a + "kv_up.weight"].view(2, H, hd, lat).transpose(0, 1).reshape(2 * H * hd, lat)
         out |= {dst + "input_layernorm.weight": sd[src + "attn_norm.weight"],
                 dst + "post_attention_layernorm.weight": sd[src + "ffn_norm.weight"],
-                b + "q_a_proj.weight": sd[a + "q_down.weight"] * LATENT_SCALE,
+                b + "q_a_proj.weight": _scaled(sd[a + "q_down.weight"], scale),
                 b + "q_a_layernorm.weight": sd[a + "q_norm.weight"], b + "q_b_proj.weight": q_up,
                 b + "kv_a_proj_with_mqa.weight": kv_down,
                 b + "kv_a_layernorm.weight": sd[a + "kv_norm.weight"],
@@ -183,7 +201,11 @@ def _from_hf_config(hf: dict[str, Any], version: int) -> LLMConfig:
     if version == 3 and k_dense < n_layer and hf.get("norm_topk_prob") is False:
         found.append("norm_topk_prob=false with sigmoid routing (llmctl normalises)")
     refuse(f"DeepSeek-V{version}", found)
+    eps = hf.get(EPS_KEY, HF_LATENT_EPS)
+    if not isinstance(eps, (int, float)) or not 0 < eps <= 0.1:
+        refuse(f"DeepSeek-V{version}", [f"{EPS_KEY}={eps!r} (a positive number up to 0.1)"])
     attn = {"attn": "mla", "n_head": H, "n_kv_heads": H, "q_latent_dim": int(hf["q_lora_rank"]),
+            "latent_norm_eps": float(eps),
             "kv_latent_dim": int(hf["kv_lora_rank"]),
             "rope_head_dim": int(hf["qk_rope_head_dim"]), "non_linearity": "swiglu"}
     layers = [BlockConfig(**attn, up_dim=int(hf["intermediate_size"])) for _ in range(k_dense)]
@@ -215,6 +237,7 @@ def _from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any], version: int)
     # V2 always rotates interleaved pairs; V3 unless rope_interleave=false (llmctl's exports)
     interleaved = version == 2 or hf.get("rope_interleave", True)
     inv = _interleave(r).argsort() if interleaved else torch.arange(r)
+    scale = latent_scale(first.latent_norm_eps)
     sd = dict(sd)
     out = {"wte.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
     for i, layer in enumerate(config.layers):
@@ -223,11 +246,11 @@ def _from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any], version: int)
         q_up = sd[a + "q_b_proj.weight"].view(H, hd + r, -1)
         q_up = torch.cat((q_up[:, :hd], q_up[:, hd:][:, inv]), dim=1).reshape(H * (hd + r), -1)
         kv_down = sd[a + "kv_a_proj_with_mqa.weight"]
-        kv_down = torch.cat((kv_down[:lat] / LATENT_SCALE, kv_down[lat:][inv]))
+        kv_down = torch.cat((_scaled(kv_down[:lat], scale, True), kv_down[lat:][inv]))
         kv_up = sd[a + "kv_b_proj.weight"].view(H, 2, hd, lat).transpose(0, 1)
         out |= {dst + "attn_norm.weight": sd[src + "input_layernorm.weight"],
                 dst + "ffn_norm.weight": sd[src + "post_attention_layernorm.weight"],
-                b + "q_down.weight": sd[a + "q_a_proj.weight"] / LATENT_SCALE,
+                b + "q_down.weight": _scaled(sd[a + "q_a_proj.weight"], scale, True),
                 b + "q_norm.weight": sd[a + "q_a_layernorm.weight"], b + "q_up.weight": q_up,
                 b + "kv_down.weight": kv_down,
                 b + "kv_norm.weight": sd[a + "kv_a_layernorm.weight"],

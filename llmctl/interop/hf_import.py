@@ -31,8 +31,8 @@ class HFModel:
     family: str
     run: RunConfig  # model = the llmctl config; train = defaults
     state_dict: StateDict  # llmctl names, ready for LLM(run.model).load_state_dict
-    tokenizer_spec: dict[str, Any]  # llmctl's spec, or {"kind": "hf", "path": ...}
-    tokenizer: Any  # an llmctl Tokenizer (interop.tokenizer.HFTokenizer for foreign ones)
+    tokenizer_spec: dict[str, Any]  # llmctl's spec (kind hf: a foreign tokenizer.json)
+    tokenizer: Any  # an llmctl Tokenizer (interop.tokenizer.TransformersTokenizer: no json)
     step: int = 0
 
     @property
@@ -78,14 +78,18 @@ def read_hf_weights(folder: Path) -> StateDict:
 
 
 def _tokenizer(folder: Path, hf: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    from ..data.hf_tokenizer import HF_FILE, hf_tokenizer_from_path
     from ..data.tokenizers import tokenizer_from_spec
 
     spec = hf.get("llmctl_tokenizer")
     if isinstance(spec, dict):  # exported by llmctl: the exact tokenizer it trained with
         return dict(spec), tokenizer_from_spec(spec, folder)
-    from .tokenizer import HFTokenizer
+    if (folder / HF_FILE).is_file():  # a foreign fast tokenizer: data can be prepared with it
+        tok = hf_tokenizer_from_path(folder)
+        return tok.spec, tok
+    from .tokenizer import TransformersTokenizer
 
-    tok = HFTokenizer(folder)
+    tok = TransformersTokenizer(folder)
     return tok.spec, tok
 
 

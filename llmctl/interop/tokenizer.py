@@ -3,7 +3,12 @@ ones (import of a foreign folder).
 
 tiktoken BPE ranks become a byte-level BPE `tokenizer.json` (transformers' own converter);
 `char` becomes a word-level vocabulary over single characters; `byte` a byte-level BPE with
-no merges. Each gets `<|endoftext|>` at llmctl's end-of-text id, so ids agree exactly."""
+no merges. Each gets `<|endoftext|>` at llmctl's end-of-text id, so ids agree exactly. A
+foreign (`hf`) or trained (`bpe`) tokenizer.json is exported as it is.
+
+A foreign folder's tokenizer imports as `data.hf_tokenizer.HFTokenizer` (its tokenizer.json:
+data can be prepared with it); a folder without tokenizer.json (a slow, e.g. SentencePiece,
+tokenizer only) falls back to `TransformersTokenizer`, usable by sample / eval only."""
 
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ import numpy as np
 from ..core.errors import LlmctlError
 from ..data.tokenizers import (
     EOT_TEXT,
+    BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
+    HFTokenizer,
     TiktokenTokenizer,
     Tokenizer,
     dump_ranks,
@@ -74,10 +81,16 @@ def hf_tokenizer(tok: Tokenizer) -> Any:
         backend = _byte_backend(tok)
     elif isinstance(tok, TiktokenTokenizer):
         backend = _tiktoken_backend(tok)
+    elif isinstance(tok, (HFTokenizer, BPETokenizer)):
+        backend = require("tokenizers").Tokenizer.from_str(tok.data.decode("utf-8"))
     else:
         raise LlmctlError(f"cannot export a {type(tok).__name__} as a transformers tokenizer")
-    eot = tok.decode([tok.eot_id]) if not isinstance(tok, TiktokenTokenizer) else \
-        tok.encoding.decode_single_token_bytes(tok.eot_id).decode("utf-8")
+    if isinstance(tok, HFTokenizer):
+        eot = tok.spec["eot_token"]
+    elif isinstance(tok, TiktokenTokenizer):
+        eot = tok.encoding.decode_single_token_bytes(tok.eot_id).decode("utf-8")
+    else:
+        eot = tok.decode([tok.eot_id])
     if eot not in backend.get_vocab():
         backend.add_special_tokens([eot])
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot,
@@ -88,11 +101,11 @@ def hf_tokenizer(tok: Tokenizer) -> Any:
     return fast
 
 
-class HFTokenizer(Tokenizer):
-    """A transformers tokenizer behind llmctl's Tokenizer interface (imported folders whose
-    tokenizer is not one of llmctl's kinds)."""
+class TransformersTokenizer(Tokenizer):
+    """A transformers tokenizer behind llmctl's Tokenizer interface, for an imported folder
+    that has no tokenizer.json (sample / eval only: no dataset can be prepared with it)."""
 
-    kind = "hf"
+    kind = "transformers"
 
     def __init__(self, path: str | Path) -> None:
         transformers = require("transformers")
@@ -100,7 +113,7 @@ class HFTokenizer(Tokenizer):
             self.hf = transformers.AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as err:
             raise LlmctlError(f"{path} has no tokenizer transformers can load: {err}") from None
-        self.spec = {"kind": "hf", "path": str(Path(path).resolve())}
+        self.spec = {"kind": "transformers", "path": str(Path(path).resolve())}
         self.vocab_size = len(self.hf)
         eot = self.hf.eos_token_id
         if eot is None:

@@ -46,10 +46,10 @@ class MultiHeadLatentAttention(nn.Module):
         self.alibi = pos_emb == "alibi"  # biases on the scores; no rotary part (rope_dim 0)
         H, hd, r = self.n_head, self.head_dim, self.rope_dim
         self.q_down = nn.Linear(n_embd, block.q_latent_dim, bias=False)
-        self.q_norm = make_norm(norm, block.q_latent_dim)
+        self.q_norm = make_norm(norm, block.q_latent_dim, block.latent_norm_eps)
         self.q_up = nn.Linear(block.q_latent_dim, H * (hd + r), bias=False)
         self.kv_down = nn.Linear(n_embd, self.kv_latent_dim + r, bias=False)  # [c | k_rope]
-        self.kv_norm = make_norm(norm, self.kv_latent_dim)
+        self.kv_norm = make_norm(norm, self.kv_latent_dim, block.latent_norm_eps)
         self.kv_up = nn.Linear(self.kv_latent_dim, 2 * H * hd, bias=False)  # [k_nope | v]
         self.proj = nn.Linear(H * hd, n_embd, bias=False)
         self.proj.weight.residual_out = True  # GPT-2 scaled init

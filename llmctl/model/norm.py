@@ -7,10 +7,10 @@ from torch import nn
 NORM_EPS = 1e-5
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
+def make_norm(kind: str, dim: int, eps: float = NORM_EPS) -> nn.Module:
     """A LayerNorm (weight + bias) or an RMSNorm (weight only) over the last `dim` features."""
     if kind == "layer":
-        return nn.LayerNorm(dim, eps=NORM_EPS)
+        return nn.LayerNorm(dim, eps=eps)
     if kind == "rms":
-        return nn.RMSNorm(dim, eps=NORM_EPS)
+        return nn.RMSNorm(dim, eps=eps)
     raise ValueError(f"unknown norm {kind!r} (expected 'layer' or 'rms')")

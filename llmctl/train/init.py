@@ -34,8 +34,8 @@ def read_init_source(spec: str) -> InitSource:
     if spec.startswith(HF_PREFIX):
         raise LlmctlError(f"--init_from {spec}: a Hugging Face folder is imported by the "
                           "llmctl command line (`llmctl train --init_from hf:PATH`, also with "
-                          "--nproc); under torchrun itself, every rank after the first needs "
-                          "the imported checkpoint: pass RUN_FOLDER/init_from_hf instead")
+                          "--nproc or under torchrun); from Python, import it first "
+                          "(llmctl.interop.hf_init.checkpoint_from_hf) and pass that folder")
     try:
         info = read_checkpoint(Path(spec).expanduser())
     except CheckpointError as err:

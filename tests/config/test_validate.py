@@ -44,6 +44,8 @@ CASES = [
      "mla with pos_emb=rope needs rope_head_dim"),
     ({**MLA, "pos_emb": "rope", "rope_head_dim": 7}, "model.rope_head_dim",
      "must be even for RoPE, got 7"),
+    ({**MLA, "latent_norm_eps": 0}, "model.latent_norm_eps", "must be in (0, 0.1], got 0"),
+    ({**MLA, "latent_norm_eps": 0.5}, "model.latent_norm_eps", "must be in (0, 0.1], got 0.5"),
     ({"moe": True, "n_shared": 1, "n_act": 2, "coeff": 0.1}, "model.n_exp", "moe needs n_exp"),
     ({**MOE, "n_exp": 0}, "model.n_exp", "must be >= 1, got 0"),
     ({**MOE, "n_shared": -1}, "model.n_shared", "must be >= 0, got -1"),

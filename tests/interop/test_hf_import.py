@@ -18,6 +18,10 @@ from .conftest import CHARS  # noqa: E402
 from .test_export import CASES  # noqa: E402
 
 ROUND_TRIP = ["gpt2", "llama_gqa", "deepseek_v2_moe", "deepseek_v3_moe", "remote_heterogeneous"]
+HF_EPS = {"latent_norm_eps": 1e-6}  # transformers' DeepSeek latent-norm eps: no rescaling
+EXACT_DEEPSEEK = {"deepseek_v2_dense_eps6": {**CASES["deepseek_v2_dense"][0], **HF_EPS},
+                  "deepseek_v2_moe_eps6": {**CASES["deepseek_v2_moe"][0], **HF_EPS},
+                  "deepseek_v3_moe_eps6": {**CASES["deepseek_v3_moe"][0], **HF_EPS}}
 
 
 def _architecture(layer) -> dict:
@@ -32,39 +36,40 @@ def _logits(model, idx: torch.Tensor) -> torch.Tensor:
         return model(idx, use_cache=False).logits
 
 
-@pytest.mark.parametrize("case", ROUND_TRIP)
+@pytest.mark.parametrize("case", ROUND_TRIP + list(EXACT_DEEPSEEK))
 def test_export_then_import_gives_the_original_logits(case, checkpoint, tmp_path):
     from llmctl.interop.hf_export import export_checkpoint
     from llmctl.interop.hf_import import load_hf
     from llmctl.model import LLM
     from llmctl.runtime.checkpoint import load_model
 
-    ckpt = checkpoint(CASES[case][0], vocab_pad=3)
+    ckpt = checkpoint(EXACT_DEEPSEEK.get(case) or CASES[case][0], vocab_pad=3)
     export_checkpoint(ckpt, tmp_path / "hf")
     imported = load_hf(f"hf:{tmp_path / 'hf'}")
     original, info = load_model(ckpt)
     assert imported.tokenizer_spec == info.tokenizer  # the exact llmctl tokenizer comes back
     assert imported.config.vocab_size == original.config.vocab_size - 3
     assert [_architecture(x) for x in imported.config.layers] == \
-        [_architecture(x) for x in original.config.layers]
+        [_architecture(x) for x in original.config.layers]  # latent_norm_eps included
     model = LLM(imported.config).eval()
     model.load_state_dict(imported.state_dict, strict=True)
-    # Weights come back bitwise, except the two DeepSeek matrices feeding the latent norms,
-    # which export scales by sqrt(0.1) for transformers' eps (1e-6 vs 1e-5) and import scales
-    # back: within an ulp or two.
+    # Weights come back bitwise, except, for a DeepSeek model with llmctl's default latent-norm
+    # eps 1e-5, the two matrices feeding the latent norms, which export scales by sqrt(0.1)
+    # for transformers' eps 1e-6 and import scales back: within an ulp or two.
+    rescaled_case = case in ("deepseek_v2_moe", "deepseek_v3_moe")
     V = imported.config.vocab_size
     rescaled = ("attn.q_down.weight", "attn.kv_down.weight")
     for name, want in original.state_dict().items():
         got = imported.state_dict[name]
         want = want[:V] if name in ("wte.weight", "lm_head.weight") else want
-        if case.startswith("deepseek") and name.endswith(rescaled):
+        if rescaled_case and name.endswith(rescaled):
             torch.testing.assert_close(got, want, rtol=3e-7, atol=0)
         else:
             assert torch.equal(got, want), name
     idx = torch.randint(0, V, (2, 20))
     ours = _logits(original, idx)[..., :V]
-    exact = not case.startswith("deepseek")
-    torch.testing.assert_close(_logits(model, idx), ours, atol=0 if exact else 1e-5, rtol=0)
+    torch.testing.assert_close(_logits(model, idx), ours, atol=1e-5 if rescaled_case else 0,
+                               rtol=0)
 
 
 def _char_tokenizer(folder: Path) -> None:
@@ -123,6 +128,26 @@ def test_a_model_saved_by_transformers_imports_and_matches_its_logits(family, tm
     torch.testing.assert_close(_logits(loaded.model, idx), theirs, atol=1e-4, rtol=0)
     assert loaded.tokenizer.encode("To be") == \
         transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("To be")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_a_transformers_deepseek_imports_bitwise(family, tmp_path):
+    """Import sets latent_norm_eps = 1e-6 (transformers' hard-coded value), so the weights
+    are transformers' own, unscaled: mapping them back gives its state dict bitwise."""
+    from llmctl.interop.hf_export import hf_state_dict
+    from llmctl.interop.hf_import import ADAPTERS, load_hf
+
+    config = HF_CONFIGS[family]()
+    if family == "deepseek_v3":  # exports rotate halves: an interleaved V3 comes back permuted
+        config.rope_interleave = False
+    folder = _save_hf(config, tmp_path / "hf")
+    imported = load_hf(f"hf:{folder}")
+    assert {layer.latent_norm_eps for layer in imported.config.layers} == {1e-6}
+    back = hf_state_dict(imported.state_dict, imported.config, ADAPTERS[family], V)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert back.keys() <= theirs.keys()
+    assert all(torch.equal(back[k], theirs[k]) for k in back), \
+        [k for k in back if not torch.equal(back[k], theirs[k])]
 
 
 def _save_hf(config, folder: Path) -> Path:
