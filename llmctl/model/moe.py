@@ -114,58 +114,11 @@ class RoutedExperts(nn.Module):
         """x (N, C); expert_idx, gates (N, k); counts (n,) = pairs per expert -> (N, C)."""
         N, k = expert_idx.shape
         order = expert_idx.reshape(-1).argsort(stable=True)  # (N * k) pairs sorted by expert
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        xs = _Dispatch.apply(x, order, inverse, k)  # (N * k, C): token rows, expert order
+        xs = x[order // k]  # (N * k, C)
         h = activate(grouped_matmul(xs, self.w_up, counts, self.dispatch), self.non_linearity)
-        # the gate scales the hidden row instead of the output row: the down projection is
-        # linear, and the pairs then only need summing per token
-        h = h * gates.reshape(-1)[order].to(h.dtype)[:, None]  # (N * k, hidden)
         ys = grouped_matmul(h, self.w_down, counts, self.dispatch)  # (N * k, C)
-        return _Combine.apply(ys, order, inverse, k)  # (N, C)
-
-
-def _gather_pairs(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C) token rows -> (N * k, C): row i is token order[i] // k."""
-    return x.index_select(0, order // k)
-
-
-def _sum_pairs(ys: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-    """(N * k, C) rows in expert order -> (N, C): each token's sum over its k pairs."""
-    rows = ys.index_select(0, inverse)  # (N * k, C) in (token, slot) order
-    return rows.view(-1, k, rows.shape[-1]).sum(1)
-
-
-class _Dispatch(torch.autograd.Function):
-    """Token rows to the (token, slot) pairs sorted by expert. `order` sorts the pairs and
-    `inverse` undoes it, so the backward is a gather and a k-sum (`_sum_pairs`): autograd's
-    own index backward would scatter-add into a zero-filled tensor, slower on a CPU."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse, k):
-        ctx.save_for_backward(order, inverse)
-        ctx.k = k
-        return _gather_pairs(x, order, k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        order, inverse = ctx.saved_tensors
-        return _sum_pairs(grad, inverse, ctx.k), None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """The adjoint of `_Dispatch`: pair rows summed per token; its backward is the gather."""
-
-    @staticmethod
-    def forward(ctx, ys, order, inverse, k):
-        ctx.save_for_backward(order, inverse)
-        ctx.k = k
-        return _sum_pairs(ys, inverse, k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        order, inverse = ctx.saved_tensors
-        return _gather_pairs(grad, order, ctx.k), None, None, None
+        ys = torch.zeros_like(ys).index_copy(0, order, ys)  # back to (token, slot) order
+        return torch.bmm(gates.to(ys.dtype).unsqueeze(1), ys.view(N, k, -1)).squeeze(1)
 
 
 class MoE(nn.Module):
