@@ -132,7 +132,6 @@ class FastDecoder:
         self._rotary: dict[int, _Rotary] = {}
         self._wt = transposed_weights(model)
         self._absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._zero = weight.new_zeros(1)  # baddbmm's input, ignored (beta=0)
 
     @property
     def length(self) -> int:
@@ -200,7 +199,8 @@ class FastDecoder:
         y = self._attend(qk[:, :H], keys, values, 1.0 / math.sqrt(hd))  # (B, H, hd)
         return torch.addmm(x, y.reshape(B, H * hd), self._wt[id(attn.proj.weight)])
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    @staticmethod
+    def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 scale: float) -> torch.Tensor:
         """(B, H, d) queries of the newest position over (B, Hkv, L, d) keys and
         (B, Hkv, L, dv) values (head h reads KV head h // (H / Hkv)) -> (B, H, dv)."""
@@ -210,11 +210,10 @@ class FastDecoder:
             y = F.scaled_dot_product_attention(q[:, :, None], keys, values, scale=scale,
                                                enable_gqa=kv != H)
             return y[:, :, 0]
-        grouped = q.reshape(B * kv, H // kv, d)  # the query heads that share each KV head
-        # baddbmm's alpha scales without a Python-float -> tensor conversion per step
-        scores = torch.baddbmm(self._zero, grouped, keys.reshape(B * kv, L, d).transpose(1, 2),
-                               beta=0, alpha=scale)  # (B * Hkv, H / Hkv, L)
-        probs = scores.softmax(dim=-1)
+        # the query heads that share each KV head, scaled (fewer numbers than the scores)
+        grouped = (q * scale).reshape(B * kv, H // kv, d)
+        scores = torch.bmm(grouped, keys.reshape(B * kv, L, d).transpose(1, 2))
+        probs = scores.softmax(dim=-1)  # (B * Hkv, H / Hkv, L)
         return torch.bmm(probs, values.reshape(B * kv, L, dv)).view(B, H, dv)
 
     def _mla(self, attn: MultiHeadLatentAttention, h: torch.Tensor, x: torch.Tensor,
