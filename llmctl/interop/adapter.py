@@ -13,6 +13,12 @@ from ..core.errors import LlmctlError
 from ..model.norm import NORM_EPS
 
 StateDict = dict[str, torch.Tensor]
+# An adapter whose transformers weights are a rounded function of llmctl's (DeepSeek's
+# rescaled latent projections) also returns the exact originals under this prefix; export
+# writes them to EXACT_FILE beside model.safetensors (transformers ignores the file) and
+# import hands them back under the same prefix, so a round trip can be bitwise.
+EXACT_PREFIX = "llmctl_exact."
+EXACT_FILE = "llmctl_exact.safetensors"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ use the block's `latent_norm_eps` (default 1e-5; import sets 1e-6, so a transfor
 weights are copied unscaled and a model trained from it exports unscaled: bitwise both ways).
 For another eps, RMSNorm's scale invariance up to eps (norm(s*x; s^2*eps) = norm(x; eps))
 makes export scale the weights feeding the latent norms by sqrt(1e-6 / eps) and record the
-eps (`llmctl_latent_norm_eps`), which import reads to scale back (exact up to rounding)."""
+eps (`llmctl_latent_norm_eps`), which import reads to scale back. Scaling rounds, so export
+also keeps the unscaled originals (adapter.EXACT_FILE); import uses them while the folder's
+weights are still exactly their scaled copies (a bitwise round trip), else scales back."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from ..config.schema import BlockConfig, LLMConfig
 from ..model.norm import NORM_EPS
 from .adapter import (
+    EXACT_PREFIX,
     Adapter,
     StateDict,
     check_eps,
@@ -50,6 +53,17 @@ def _scaled(w: torch.Tensor, scale: float, inverse: bool = False) -> torch.Tenso
     if scale == 1.0:
         return w  # no arithmetic: bitwise
     return w / scale if inverse else w * scale
+
+
+def _unscaled(sd: StateDict, hf_key: str, ours: str, rows: slice, scale: float) -> torch.Tensor:
+    """llmctl's weight from the rescaled transformers rows: the exported original when the
+    rows are still exactly its scaled copy (not changed since export), else scaled back."""
+    w = sd[hf_key][rows]
+    exact = sd.get(EXACT_PREFIX + ours)
+    if (exact is not None and exact.shape == w.shape
+            and torch.equal(_scaled(exact, scale).to(w.dtype), w)):
+        return exact
+    return _scaled(w, scale, inverse=True)
 _MOE_KEYS = ("up_dim", "n_exp", "n_shared", "n_act", "aux_free")
 
 
@@ -150,6 +164,9 @@ def _to_hf(sd: StateDict, config: LLMConfig, version: int) -> StateDict:
         q_up = sd[a + "q_up.weight"].view(H, hd + r, -1)
         q_up = torch.cat((q_up[:, :hd], q_up[:, hd:][:, perm]), dim=1).reshape(H * (hd + r), -1)
         kv_down = sd[a + "kv_down.weight"]
+        if scale != 1.0:  # the originals of the rounded rows (see EXACT_PREFIX)
+            out |= {EXACT_PREFIX + a + "q_down.weight": sd[a + "q_down.weight"],
+                    EXACT_PREFIX + a + "kv_down.latent": kv_down[:lat]}
         kv_down = torch.cat((_scaled(kv_down[:lat], scale), kv_down[lat:][perm]))
         kv_up = sd[a + "kv_up.weight"].view(2, H, hd, lat).transpose(0, 1).reshape(2 * H * hd, lat)
         out |= {dst + "input_layernorm.weight": sd[src + "attn_norm.weight"],
@@ -245,12 +262,14 @@ def _from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any], version: int)
         a, b = src + "self_attn.", dst + "attn."
         q_up = sd[a + "q_b_proj.weight"].view(H, hd + r, -1)
         q_up = torch.cat((q_up[:, :hd], q_up[:, hd:][:, inv]), dim=1).reshape(H * (hd + r), -1)
-        kv_down = sd[a + "kv_a_proj_with_mqa.weight"]
-        kv_down = torch.cat((_scaled(kv_down[:lat], scale, True), kv_down[lat:][inv]))
+        kv_down = torch.cat((
+            _unscaled(sd, a + "kv_a_proj_with_mqa.weight", b + "kv_down.latent", slice(0, lat),
+                      scale), sd[a + "kv_a_proj_with_mqa.weight"][lat:][inv]))
         kv_up = sd[a + "kv_b_proj.weight"].view(H, 2, hd, lat).transpose(0, 1)
         out |= {dst + "attn_norm.weight": sd[src + "input_layernorm.weight"],
                 dst + "ffn_norm.weight": sd[src + "post_attention_layernorm.weight"],
-                b + "q_down.weight": _scaled(sd[a + "q_a_proj.weight"], scale, True),
+                b + "q_down.weight": _unscaled(sd, a + "q_a_proj.weight", b + "q_down.weight",
+                                               slice(None), scale),
                 b + "q_norm.weight": sd[a + "q_a_layernorm.weight"], b + "q_up.weight": q_up,
                 b + "kv_down.weight": kv_down,
                 b + "kv_norm.weight": sd[a + "kv_a_layernorm.weight"],

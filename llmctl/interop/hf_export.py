@@ -19,7 +19,7 @@ from ..config.schema import LLMConfig
 from ..core.errors import LlmctlError
 from ..core.files import swap_folder
 from . import deepseek, gpt2, llama, remote, require
-from .adapter import Adapter, StateDict
+from .adapter import EXACT_FILE, EXACT_PREFIX, Adapter, StateDict
 
 FORMATS = ("auto", "native", "remote")
 NATIVE: tuple[Adapter, ...] = (gpt2.ADAPTER, llama.ADAPTER, deepseek.V2, deepseek.V3)
@@ -88,6 +88,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, fmt: s
     adapter, why = choose_adapter(config, fmt)
     vocab = tok.vocab_size
     sd = hf_state_dict(read_weights(info.path), config, adapter, vocab)
+    exact = {k: sd.pop(k) for k in [k for k in sd if k.startswith(EXACT_PREFIX)]}
     if dtype is not None:
         import torch
 
@@ -99,6 +100,11 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, fmt: s
     tmp.mkdir(parents=True)
     try:
         _write_folder(tmp, adapter, config, vocab, sd, tok, info, dtype)
+        if exact:  # the originals of rounded weights, for a bitwise import (fp32 as trained)
+            from safetensors.torch import save_file
+
+            save_file({k[len(EXACT_PREFIX):]: v for k, v in exact.items()},
+                      str(tmp / EXACT_FILE), metadata={"format": "pt"})
         shutil.rmtree(old, ignore_errors=True)
         swap_folder(tmp, final, old)
         shutil.rmtree(old, ignore_errors=True)

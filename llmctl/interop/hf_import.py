@@ -17,7 +17,7 @@ from ..config.loader import load_config
 from ..config.schema import LLMConfig, RunConfig
 from ..core.errors import ConfigError, LlmctlError
 from . import deepseek, gpt2, llama, remote
-from .adapter import Adapter, ImportRefused, StateDict
+from .adapter import EXACT_FILE, EXACT_PREFIX, Adapter, ImportRefused, StateDict
 
 PREFIX = "hf:"
 ADAPTERS: dict[str, Adapter] = {"gpt2": gpt2.ADAPTER, "llama": llama.ADAPTER,
@@ -68,10 +68,12 @@ def read_hf_weights(folder: Path) -> StateDict:
                 if pickled else "")
         raise LlmctlError(f"{folder} has no model.safetensors{hint}")
     sd: StateDict = {}
-    for name in files:
+    exact = [EXACT_FILE] if (folder / EXACT_FILE).is_file() else []
+    for name in files + exact:
+        prefix = EXACT_PREFIX if name == EXACT_FILE else ""
         try:
             with safe_open(str(folder / name), framework="pt", device="cpu") as f:
-                sd |= {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                sd |= {prefix + k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as err:
             raise LlmctlError(f"{folder / name} is unreadable: {err}") from None
     return sd

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 from .conftest import CHARS  # noqa: E402
 from .test_export import CASES  # noqa: E402
 
-ROUND_TRIP = ["gpt2", "llama_gqa", "deepseek_v2_moe", "deepseek_v3_moe", "remote_heterogeneous"]
+ROUND_TRIP = ["gpt2", "llama_gqa", "deepseek_v2_dense", "deepseek_v2_moe", "deepseek_v3_moe",
+              "remote_heterogeneous"]
 HF_EPS = {"latent_norm_eps": 1e-6}  # transformers' DeepSeek latent-norm eps: no rescaling
 EXACT_DEEPSEEK = {"deepseek_v2_dense_eps6": {**CASES["deepseek_v2_dense"][0], **HF_EPS},
                   "deepseek_v2_moe_eps6": {**CASES["deepseek_v2_moe"][0], **HF_EPS},
@@ -53,23 +54,41 @@ def test_export_then_import_gives_the_original_logits(case, checkpoint, tmp_path
         [_architecture(x) for x in original.config.layers]  # latent_norm_eps included
     model = LLM(imported.config).eval()
     model.load_state_dict(imported.state_dict, strict=True)
-    # Weights come back bitwise, except, for a DeepSeek model with llmctl's default latent-norm
-    # eps 1e-5, the two matrices feeding the latent norms, which export scales by sqrt(0.1)
-    # for transformers' eps 1e-6 and import scales back: within an ulp or two.
-    rescaled_case = case in ("deepseek_v2_moe", "deepseek_v3_moe")
+    # Weights come back bitwise, also for a DeepSeek model with llmctl's default latent-norm
+    # eps 1e-5 (its two latent projections are exported scaled by sqrt(0.1) for transformers'
+    # eps 1e-6, and import takes the unscaled originals exported beside them).
     V = imported.config.vocab_size
-    rescaled = ("attn.q_down.weight", "attn.kv_down.weight")
     for name, want in original.state_dict().items():
-        got = imported.state_dict[name]
         want = want[:V] if name in ("wte.weight", "lm_head.weight") else want
-        if rescaled_case and name.endswith(rescaled):
-            torch.testing.assert_close(got, want, rtol=3e-7, atol=0)
-        else:
-            assert torch.equal(got, want), name
+        assert torch.equal(imported.state_dict[name], want), name
     idx = torch.randint(0, V, (2, 20))
-    ours = _logits(original, idx)[..., :V]
-    torch.testing.assert_close(_logits(model, idx), ours, atol=1e-5 if rescaled_case else 0,
-                               rtol=0)
+    assert torch.equal(_logits(model, idx), _logits(original, idx)[..., :V])
+
+
+def test_a_deepseek_changed_after_export_imports_its_new_weights(checkpoint, tmp_path):
+    """The exported originals of the rescaled latent projections are used only while the
+    folder's weights are exactly their scaled copies: weights changed on the transformers
+    side (fine-tuned there) are scaled back instead, never replaced by the stale originals."""
+    from safetensors.torch import load_file, save_file
+
+    from llmctl.interop.adapter import EXACT_FILE
+    from llmctl.interop.deepseek import latent_scale
+    from llmctl.interop.hf_export import export_checkpoint
+    from llmctl.interop.hf_import import load_hf
+
+    ckpt = checkpoint(CASES["deepseek_v2_moe"][0], vocab_pad=3)
+    export_checkpoint(ckpt, tmp_path / "hf")
+    assert (tmp_path / "hf" / EXACT_FILE).is_file()  # only for the rescaled eps
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_a_proj.weight"
+    weights[key] = weights[key] + 0.25
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    imported = load_hf(f"hf:{tmp_path / 'hf'}")
+    scale = latent_scale(imported.config.layers[0].latent_norm_eps)
+    torch.testing.assert_close(imported.state_dict["blocks.0.attn.q_down.weight"],
+                               weights[key] / scale, rtol=0, atol=0)
+    unchanged = load_file(tmp_path / "hf" / EXACT_FILE)["blocks.1.attn.q_down.weight"]
+    assert torch.equal(imported.state_dict["blocks.1.attn.q_down.weight"], unchanged)
 
 
 def _char_tokenizer(folder: Path) -> None:
