@@ -29,8 +29,15 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import LlmctlError, one_of
+from ..core.files import read_user_file
 from .hf_tokenizer import KIND as HF_KIND
-from .hf_tokenizer import HFTokenizer, hf_from_spec, hf_tokenizer_from_path, is_hf_tokenizer
+from .hf_tokenizer import (
+    MAX_TOKENIZER_BYTES,
+    HFTokenizer,
+    hf_from_spec,
+    hf_tokenizer_from_path,
+    is_hf_tokenizer,
+)
 from .tiktoken_encodings import (
     KNOWN_ENCODINGS,
     RANK_FILE,
@@ -333,10 +340,10 @@ def _bpe_from_spec(spec: dict[str, Any], folder: Path | None) -> BPETokenizer:
     rel = spec.get("file")
     if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise LlmctlError(f"bpe tokenizer spec file {rel!r} must be a relative file name")
-    if folder is None or not (folder / rel).is_file():
+    if folder is None or not (folder / rel).exists():  # other kinds: read_user_file says
         raise LlmctlError(f"bpe tokenizer file {rel} is missing"
                           + (f" in {folder}" if folder is not None else " (no folder given)"))
-    data = (folder / rel).read_bytes()
+    data = read_user_file(folder / rel, "bpe tokenizer file", MAX_TOKENIZER_BYTES, text=False)
     if spec.get("sha256") and hashlib.sha256(data).hexdigest() != spec["sha256"]:
         raise LlmctlError(f"{folder / rel} does not match the sha256 its spec records (the "
                           "tokenizer file was changed or corrupted)")

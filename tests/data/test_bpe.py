@@ -84,3 +84,13 @@ def test_spec_rebuilds_and_rejects_a_changed_file(tmp_path, shakespeare_txt):
         tokenizer_from_spec(spec, result.folder)
     with pytest.raises(LlmctlError, match="bpe_vocab"):
         train_bpe(iter(["abc"]), 100)
+
+
+def test_a_tokenizer_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    """The file a bpe spec names is read with the bound every user file gets: a FIFO in
+    its place is refused at once instead of blocking the read."""
+    import os
+
+    os.mkfifo(tmp_path / "tokenizer.json")
+    with pytest.raises(LlmctlError, match="not a regular file"):
+        tokenizer_from_spec({"kind": "bpe", "file": "tokenizer.json"}, tmp_path)
