@@ -24,12 +24,11 @@ from ..core.bounds import loads_json
 from ..core.errors import LlmctlError
 from ..core.extras import require
 from ..core.files import read_user_file, write_bytes_atomic
-from .tokenizer_base import REPLACEMENT, Tokenizer
+from .tokenizer_base import MAX_TOKENIZER_BYTES, REPLACEMENT, Tokenizer, read_spec_file
 
 KIND = "hf"
 PREFIX = "hf:"
 HF_FILE = "tokenizer.json"
-MAX_TOKENIZER_BYTES = 256 * 2**20  # Llama 3's is 9 MB, the largest published ~35 MB
 MAX_CONFIG_BYTES = 16 * 2**20  # tokenizer_config.json may hold chat templates
 # end-of-text candidates when the folder does not say (most common first)
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>")
@@ -102,19 +101,11 @@ def hf_tokenizer_from_path(path: str | Path) -> HFTokenizer:
 
 def hf_from_spec(spec: dict[str, Any], folder: Path | None) -> HFTokenizer:
     """The tokenizer a recorded `hf` spec names; its file lies in `folder`."""
-    rel, eot = spec.get("file"), spec.get("eot_token")
-    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise LlmctlError(f"hf tokenizer spec file {rel!r} must be a relative file name")
+    eot = spec.get("eot_token")
     if not isinstance(eot, str):
         raise LlmctlError("hf tokenizer spec has no 'eot_token' string")
-    if folder is None or not (folder / rel).is_file():
-        raise LlmctlError(f"hf tokenizer file {rel} is missing"
-                          + (f" in {folder}" if folder is not None else " (no folder given)"))
-    data = read_user_file(folder / rel, "tokenizer file", MAX_TOKENIZER_BYTES, text=False)
-    if spec.get("sha256") and hashlib.sha256(data).hexdigest() != spec["sha256"]:
-        raise LlmctlError(f"{folder / rel} does not match the sha256 its spec records (the "
-                          "tokenizer file was changed or corrupted)")
-    return HFTokenizer(data, eot, str(folder / rel))
+    path, data = read_spec_file(spec, folder, "hf")
+    return HFTokenizer(data, eot, str(path))
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..core.errors import LlmctlError
+from ..core.files import read_user_file
+
+MAX_TOKENIZER_BYTES = 256 * 2**20  # Llama 3's tokenizer.json is 9 MB, the largest published ~35 MB
 
 EOT_TEXT = "<|endoftext|>"
 REPLACEMENT = "\ufffd"  # what an id the vocabulary lacks decodes to
@@ -52,3 +58,20 @@ def describe_spec(spec: dict[str, Any]) -> str:
     if kind == "hf":
         return f"hf({spec.get('vocab_size')} tokens, sha256 {str(spec.get('sha256'))[:12]})"
     return str(kind)
+
+
+def read_spec_file(spec: dict[str, Any], folder: Path | None, kind: str) -> tuple[Path, bytes]:
+    """The file a recorded tokenizer spec names (`spec["file"]`, relative to `folder`), read
+    with a bound and checked against the spec's sha256 when it records one."""
+    rel = spec.get("file")
+    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise LlmctlError(f"{kind} tokenizer spec file {rel!r} must be a relative file name")
+    if folder is None or not (folder / rel).exists():  # other kinds: read_user_file says
+        raise LlmctlError(f"{kind} tokenizer file {rel} is missing"
+                          + (f" in {folder}" if folder is not None else " (no folder given)"))
+    path = folder / rel
+    data = read_user_file(path, f"{kind} tokenizer file", MAX_TOKENIZER_BYTES, text=False)
+    if spec.get("sha256") and hashlib.sha256(data).hexdigest() != spec["sha256"]:
+        raise LlmctlError(f"{path} does not match the sha256 its spec records (the "
+                          "tokenizer file was changed or corrupted)")
+    return path, data

@@ -29,10 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import LlmctlError, one_of
-from ..core.files import read_user_file
 from .hf_tokenizer import KIND as HF_KIND
 from .hf_tokenizer import (
-    MAX_TOKENIZER_BYTES,
     HFTokenizer,
     hf_from_spec,
     hf_tokenizer_from_path,
@@ -49,7 +47,7 @@ from .tiktoken_encodings import (
     parse_ranks,
     tiktoken_from_spec,
 )
-from .tokenizer_base import EOT_TEXT, REPLACEMENT, Tokenizer, describe_spec
+from .tokenizer_base import EOT_TEXT, REPLACEMENT, Tokenizer, describe_spec, read_spec_file
 
 __all__ = ["BPE_FILE", "EOT_TEXT", "KINDS", "KNOWN_ENCODINGS", "RANK_FILE", "TIKTOKEN_FILE_ENV",
            "BPETokenizer", "ByteTokenizer", "CharTokenizer", "ExtendedTokenizer", "HFTokenizer",
@@ -337,14 +335,4 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _bpe_from_spec(spec: dict[str, Any], folder: Path | None) -> BPETokenizer:
-    rel = spec.get("file")
-    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise LlmctlError(f"bpe tokenizer spec file {rel!r} must be a relative file name")
-    if folder is None or not (folder / rel).exists():  # other kinds: read_user_file says
-        raise LlmctlError(f"bpe tokenizer file {rel} is missing"
-                          + (f" in {folder}" if folder is not None else " (no folder given)"))
-    data = read_user_file(folder / rel, "bpe tokenizer file", MAX_TOKENIZER_BYTES, text=False)
-    if spec.get("sha256") and hashlib.sha256(data).hexdigest() != spec["sha256"]:
-        raise LlmctlError(f"{folder / rel} does not match the sha256 its spec records (the "
-                          "tokenizer file was changed or corrupted)")
-    return BPETokenizer(data)
+    return BPETokenizer(read_spec_file(spec, folder, "bpe")[1])
