@@ -29,6 +29,7 @@ else uses the reference path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +63,6 @@ def supports(model: nn.Module) -> bool:
                for b in model.blocks)
 
 
-def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if type(module) is nn.LayerNorm:
-        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
-    return F.rms_norm(x, module.normalized_shape, module.weight, module.eps)
-
-
 def _projection_weights(model: LLM) -> list[torch.Tensor]:
     """The 2-D weights the decoding step multiplies by (not the embedding tables)."""
     weights = [model.lm_head.weight]
@@ -98,8 +93,8 @@ def transposed_weights(model: LLM) -> dict[int, torch.Tensor]:
 
 
 class _Rotary:
-    """RoPE at one position as three elementwise operations on (..., dim) rows:
-    x * cos + x[perm] * sin_signed equals apply_rope's rotate-half formula exactly
+    """RoPE tables for every position of the window, as (block_size, dim) rows: at one
+    position x * cos + x[perm] * sin_signed equals apply_rope's rotate-half formula exactly
     (x1 cos - x2 sin, x2 cos + x1 sin: the same products and sums)."""
 
     def __init__(self, positions: Positions, dim: int, dtype: torch.dtype):
@@ -109,8 +104,10 @@ class _Rotary:
         half = dim // 2
         self.perm = torch.cat((torch.arange(half, dim), torch.arange(half))).to(cos.device)
 
-    def __call__(self, x: torch.Tensor, at: int) -> torch.Tensor:
-        return x * self.cos[at] + x.index_select(-1, self.perm) * self.sin[at]
+    def at(self, position: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rotation at one position, for (..., dim) rows (rows selected once per step)."""
+        cos, sin, perm = self.cos[position], self.sin[position], self.perm
+        return lambda x: x * cos + x.index_select(-1, perm) * sin
 
 
 class FastDecoder:
@@ -118,7 +115,8 @@ class FastDecoder:
 
     The cache holds room for `total_tokens` (prompt + tokens to generate, at most
     block_size); `step` may be called while `length < block_size`. The step works on
-    (B, C) rows: one position per sequence."""
+    (B, C) rows: one position per sequence. Each layer's weights, norms and head counts
+    are looked up once, here, into a `_Layer`; a step only runs arithmetic."""
 
     def __init__(self, model: LLM, total_tokens: int):
         self.model = model
@@ -130,8 +128,10 @@ class FastDecoder:
         # the position tables of the reference path, for every position at once
         self.positions = Positions(0, self.block_size, weight.device, model.config.rope_theta)
         self._rotary: dict[int, _Rotary] = {}
-        self._wt = transposed_weights(model)
-        self._absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        wt = transposed_weights(model)
+        self._layers = [_Layer(self, block, wt) for block in model.blocks]
+        self._final_norm = _norm_fn(model.norm_f)
+        self._head = wt[id(model.lm_head.weight)]
 
     @property
     def length(self) -> int:
@@ -144,14 +144,14 @@ class FastDecoder:
         out = self.model(idx, kv_cache=self.cache, last_logits_only=True)
         return out.logits[:, -1]
 
-    def _rope(self, dim: int) -> _Rotary:
+    def rotary(self, dim: int) -> _Rotary:
         if dim not in self._rotary:
             self._rotary[dim] = _Rotary(self.positions, dim, self.model.wte.weight.dtype)
         return self._rotary[dim]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """(B,) token ids -> (B, V) logits of the next position."""
-        model, cfg, wt = self.model, self.config, self._wt
+        model, cfg = self.model, self.config
         at = self.cache.length
         if at >= self.block_size:
             raise ValueError("the cache is full (block_size tokens); crop and prefill again")
@@ -163,102 +163,139 @@ class FastDecoder:
             x = x + model.wpe.weight[at]
         elif cfg.pos_emb == "sin":
             x = x + sinusoidal(torch.tensor([at], device=x.device), cfg.n_embd).to(x.dtype)
-        for block, layer_cache in zip(model.blocks, self.cache.layers, strict=True):
-            h = _norm(block.attn_norm, x)
-            if type(block.attn) is CausalSelfAttention:
-                x = self._attention(block.attn, h, x, layer_cache, at)
-            else:
-                x = self._mla(block.attn, h, x, layer_cache, at)
-            h = _norm(block.ffn_norm, x)
-            ffn = block.ffn
-            if type(ffn) is MLP:  # the residual add rides on the down projection
-                up = torch.mm(h, wt[id(ffn.up.weight)])
-                x = torch.addmm(x, activate(up, ffn.non_linearity), wt[id(ffn.down.weight)])
-            else:
-                x = x + ffn(h[:, None])[0][:, 0]
-        x = _norm(model.norm_f, x)
-        logits = torch.mm(x, wt[id(model.lm_head.weight)])  # (B, V)
+        # the rotation of this position, per rotary width (shared by the layers)
+        rotations = {dim: rotary.at(at) for dim, rotary in self._rotary.items()}
+        for layer, layer_cache in zip(self._layers, self.cache.layers, strict=True):
+            x = layer.attend(layer.attn_norm(x), x, layer_cache, at, rotations)
+            x = layer.feed_forward(layer.ffn_norm(x), x)
+        logits = torch.mm(self._final_norm(x), self._head)  # (B, V)
         if cfg.logit_softcap:
             logits = soft_cap(logits, cfg.logit_softcap)
         return logits
 
-    def _attention(self, attn: CausalSelfAttention, h: torch.Tensor, x: torch.Tensor,
-                   layer_cache, at: int) -> torch.Tensor:
+
+def _norm_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The norm as a function of the rows, with its arguments looked up once."""
+    shape, weight, eps = module.normalized_shape, module.weight, module.eps
+    if type(module) is nn.LayerNorm:
+        bias = module.bias
+        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+    return lambda x: F.rms_norm(x, shape, weight, eps)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            scale: torch.Tensor) -> torch.Tensor:
+    """(B, H, d) queries of the newest position over (B, Hkv, L, d) keys and
+    (B, Hkv, L, dv) values (head h reads KV head h // (H / Hkv)) -> (B, H, dv). `scale`
+    is a 0-d fp32 tensor (a Python float costs a conversion per call)."""
+    B, H, d = q.shape
+    kv, L, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    if q.dtype != torch.float32:  # low precision: SDPA's kernel accumulates in fp32
+        y = F.scaled_dot_product_attention(q[:, :, None], keys, values, scale=scale.item(),
+                                           enable_gqa=kv != H)
+        return y[:, :, 0]
+    # the query heads that share each KV head, scaled (fewer numbers than the scores)
+    grouped = (q * scale).reshape(B * kv, H // kv, d)
+    scores = torch.bmm(grouped, keys.reshape(B * kv, L, d).transpose(1, 2))
+    probs = scores.softmax(dim=-1)  # (B * Hkv, H / Hkv, L)
+    return torch.bmm(probs, values.reshape(B * kv, L, dv)).view(B, H, dv)
+
+
+def _write(layer_cache, at: int, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Write one new row per buffer at position `at` (room is there); views up to it.
+    Rows are the buffers' shapes without the time axis (dim -2)."""
+    for buffer, row in zip(layer_cache.buffers, rows, strict=True):
+        buffer.select(-2, at).copy_(row)
+    layer_cache.length = at + 1
+    return tuple(buffer[..., :at + 1, :] for buffer in layer_cache.buffers)
+
+
+class _Layer:
+    """One block's decoding step: `attend(h, x, ...)` and `feed_forward(h, x)` return x plus
+    the sublayer's output for the normed rows h."""
+
+    def __init__(self, decoder: FastDecoder, block: Block, wt: dict[int, torch.Tensor]):
+        self.attn_norm, self.ffn_norm = _norm_fn(block.attn_norm), _norm_fn(block.ffn_norm)
+        attn, ffn = block.attn, block.ffn
+        self.attn, self.ffn = attn, ffn
+        if type(attn) is CausalSelfAttention:
+            self.attend = self._attention
+            self.w_qkv, self.w_proj = wt[id(attn.qkv.weight)], wt[id(attn.proj.weight)]
+            self.heads = (attn.n_head, attn.n_kv_heads, attn.head_dim)
+            scale = 1.0 / math.sqrt(attn.head_dim)
+            self.qk_norms = None if attn.q_head_norm is None else (
+                _norm_fn(attn.q_head_norm), _norm_fn(attn.k_head_norm))
+            self.rope_dim = attn.head_dim if attn.rope else 0
+        else:
+            self.attend = self._mla
+            self.w_q_down, self.w_q_up = wt[id(attn.q_down.weight)], wt[id(attn.q_up.weight)]
+            self.w_kv_down, self.w_proj = wt[id(attn.kv_down.weight)], wt[id(attn.proj.weight)]
+            self.q_norm, self.kv_norm = _norm_fn(attn.q_norm), _norm_fn(attn.kv_norm)
+            H, hd, lat = attn.n_head, attn.head_dim, attn.kv_latent_dim
+            w_uk, w_uv = attn.kv_up.weight.detach().view(2, H, hd, lat)
+            # W_uk as (H, hd, lat) and W_uv^T as (H, lat, hd), contiguous
+            self.w_uk, self.w_uv_t = w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
+            self.rope_dim = attn.rope_dim
+            self.positions_theta = decoder.config.rope_theta
+            scale = attn.scale
+        # fp32: the value the kernels compute with (SDPA, for other dtypes, takes it as such)
+        self.scale = torch.tensor(scale, device=decoder.model.wte.weight.device)
+        if self.rope_dim:
+            decoder.rotary(self.rope_dim)  # its tables exist before the first step
+        if type(ffn) is MLP:  # the residual add rides on the down projection
+            self.feed_forward = self._mlp
+            self.w_up, self.w_down = wt[id(ffn.up.weight)], wt[id(ffn.down.weight)]
+            self.non_linearity = ffn.non_linearity
+        else:
+            self.feed_forward = self._moe
+
+    def _mlp(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        up = torch.mm(h, self.w_up)
+        return torch.addmm(x, activate(up, self.non_linearity), self.w_down)
+
+    def _moe(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(h[:, None])[0][:, 0]
+
+    def _attention(self, h: torch.Tensor, x: torch.Tensor, layer_cache, at: int,
+                   rotations: dict) -> torch.Tensor:
         """x + attention of the (B, C) rows h (mha / mqa / gqa)."""
         B = h.shape[0]
-        H, hd, kv = attn.n_head, attn.head_dim, attn.n_kv_heads
-        qkv = torch.mm(h, self._wt[id(attn.qkv.weight)]).view(B, H + 2 * kv, hd)
-        if attn.q_head_norm is not None:
-            qk = torch.cat((_norm(attn.q_head_norm, qkv[:, :H]),
-                            _norm(attn.k_head_norm, qkv[:, H:H + kv])), dim=1)
+        H, kv, hd = self.heads
+        qkv = torch.mm(h, self.w_qkv).view(B, H + 2 * kv, hd)
+        if self.qk_norms is not None:
+            q_norm, k_norm = self.qk_norms
+            qk = torch.cat((q_norm(qkv[:, :H]), k_norm(qkv[:, H:H + kv])), dim=1)
         else:
             qk = qkv[:, :H + kv]  # (B, H + kv, hd)
-        if attn.rope:  # queries and keys rotate by the same angles: one call
-            qk = self._rope(hd)(qk, at)
-        keys, values = self._write(layer_cache, at, qk[:, H:], qkv[:, H + kv:])
-        y = self._attend(qk[:, :H], keys, values, 1.0 / math.sqrt(hd))  # (B, H, hd)
-        return torch.addmm(x, y.reshape(B, H * hd), self._wt[id(attn.proj.weight)])
+        if self.rope_dim:  # queries and keys rotate by the same angles: one call
+            qk = rotations[hd](qk)
+        keys, values = _write(layer_cache, at, qk[:, H:], qkv[:, H + kv:])
+        y = _attend(qk[:, :H], keys, values, self.scale)  # (B, H, hd)
+        return torch.addmm(x, y.reshape(B, H * hd), self.w_proj)
 
-    @staticmethod
-    def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        """(B, H, d) queries of the newest position over (B, Hkv, L, d) keys and
-        (B, Hkv, L, dv) values (head h reads KV head h // (H / Hkv)) -> (B, H, dv)."""
-        B, H, d = q.shape
-        kv, L, dv = keys.shape[1], keys.shape[2], values.shape[-1]
-        if q.dtype != torch.float32:  # low precision: SDPA's kernel accumulates in fp32
-            y = F.scaled_dot_product_attention(q[:, :, None], keys, values, scale=scale,
-                                               enable_gqa=kv != H)
-            return y[:, :, 0]
-        # the query heads that share each KV head, scaled (fewer numbers than the scores)
-        grouped = (q * scale).reshape(B * kv, H // kv, d)
-        scores = torch.bmm(grouped, keys.reshape(B * kv, L, d).transpose(1, 2))
-        probs = scores.softmax(dim=-1)  # (B * Hkv, H / Hkv, L)
-        return torch.bmm(probs, values.reshape(B * kv, L, dv)).view(B, H, dv)
-
-    def _mla(self, attn: MultiHeadLatentAttention, h: torch.Tensor, x: torch.Tensor,
-             layer_cache, at: int) -> torch.Tensor:
+    def _mla(self, h: torch.Tensor, x: torch.Tensor, layer_cache, at: int,
+             rotations: dict) -> torch.Tensor:
         """x + MLA of the (B, C) rows h, attending to the cached latents (absorbed)."""
+        attn = self.attn
         B = h.shape[0]
         if attn.q_head_norm is not None:  # QK-norm's absorbed form: the module's own path
-            pos = Positions(at, 1, h.device, self.config.rope_theta)
+            pos = Positions(at, 1, h.device, self.positions_theta)
             return x + attn(h[:, None], pos, layer_cache)[:, 0]
         H, hd, r, lat = attn.n_head, attn.head_dim, attn.rope_dim, attn.kv_latent_dim
-        wt = self._wt
-        q = torch.mm(_norm(attn.q_norm, torch.mm(h, wt[id(attn.q_down.weight)])),
-                     wt[id(attn.q_up.weight)]).view(B, H, hd + r)  # (B, H, hd + r)
-        row = torch.mm(h, wt[id(attn.kv_down.weight)])  # (B, lat + r): [c | k_rope]
-        c = _norm(attn.kv_norm, row[:, :lat])
+        q = torch.mm(self.q_norm(torch.mm(h, self.w_q_down)),
+                     self.w_q_up).view(B, H, hd + r)  # (B, H, hd + r)
+        row = torch.mm(h, self.w_kv_down)  # (B, lat + r): [c | k_rope]
+        c = self.kv_norm(row[:, :lat])
         if r:  # the H query parts and the shared key part rotate alike: one call
-            rotated = self._rope(r)(torch.cat((q[..., hd:], row[:, None, lat:]), dim=1), at)
+            rotated = rotations[r](torch.cat((q[..., hd:], row[:, None, lat:]), dim=1))
             q_rope, row = rotated[:, :H], torch.cat((c, rotated[:, H]), dim=-1)
         else:
             row = c
-        (latents,) = self._write(layer_cache, at, row)  # (B, L, lat + r)
-        w_uk, w_uv_t = self._absorbed_weights(attn)
-        q_lat = torch.bmm(q[..., :hd].transpose(0, 1), w_uk).transpose(0, 1)  # (B, H, lat)
+        (latents,) = _write(layer_cache, at, row)  # (B, L, lat + r)
+        q_lat = torch.bmm(q[..., :hd].transpose(0, 1), self.w_uk).transpose(0, 1)  # (B, H, lat)
         if r:
             q_lat = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, lat + r)
         # one KV head shared by all: keys are the rows [c, k_rope], values their c part
-        o = self._attend(q_lat, latents[:, None], latents[:, None, :, :lat], attn.scale)
-        y = torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1)  # (B, H, hd)
-        return torch.addmm(x, y.reshape(B, H * hd), wt[id(attn.proj.weight)])
-
-    def _absorbed_weights(self, attn: MultiHeadLatentAttention
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_uk as (H, hd, lat) and W_uv^T as (H, lat, hd), contiguous, made once."""
-        key = id(attn)
-        if key not in self._absorbed:
-            H, hd, lat = attn.n_head, attn.head_dim, attn.kv_latent_dim
-            w_uk, w_uv = attn.kv_up.weight.detach().view(2, H, hd, lat)
-            self._absorbed[key] = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
-        return self._absorbed[key]
-
-    @staticmethod
-    def _write(layer_cache, at: int, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Write one new row per buffer at position `at` (room is there); views up to it.
-        Rows are the buffers' shapes without the time axis (dim -2)."""
-        for buffer, row in zip(layer_cache.buffers, rows, strict=True):
-            buffer.select(-2, at).copy_(row)
-        layer_cache.length = at + 1
-        return tuple(buffer[..., :at + 1, :] for buffer in layer_cache.buffers)
+        o = _attend(q_lat, latents[:, None], latents[:, None, :, :lat], self.scale)
+        y = torch.bmm(o.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # (B, H, hd)
+        return torch.addmm(x, y.reshape(B, H * hd), self.w_proj)
