@@ -20,8 +20,6 @@ once on a contiguous slice (or all at once through `torch._grouped_mm`).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -39,59 +37,93 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-@functools.cache
-@torch.compiler.disable
-def _cpu_grouped_mm_available() -> bool:
-    """torch._grouped_mm exists from torch 2.8 and has a CPU kernel only from 2.9: probe once
-    (forward and backward) instead of trusting the version. The first call may come from a
-    no_grad / inference-mode / autocast forward: the probe sets its own clean context."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        with (torch.inference_mode(False), torch.enable_grad(),
-              torch.autocast("cpu", enabled=False)):
-            w = torch.ones(2, 4, 4, device="cpu", requires_grad=True)
-            offsets = torch.tensor([2, 4], dtype=torch.int32, device="cpu")
-            x = torch.ones(4, 4, device="cpu")
-            # square(): a dense upstream gradient, as in the model (sum() would expand one)
-            torch._grouped_mm(x, w, offs=offsets).square().sum().backward()
-        return True
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return False
-
-
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # torch's kernel needs 16-byte aligned rows, and on CUDA bf16 on sm90+; its compile-time
-    # shape function accepts bf16 only.
+    """Where `auto` uses torch's grouped GEMM: CUDA, bf16, sm90+ (its kernel's needs), with
+    16-byte aligned rows; its compile-time shape function accepts bf16 only. On a CPU the
+    loop below measured faster (benchmarks/bench_model.py: grouped_mm_vs_loop)."""
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
-    if x.device.type == "cuda":
-        return (aligned and x.dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(x.device) >= (9, 0))
-    return aligned and x.device.type == "cpu" and _cpu_grouped_mm_available()
+    return (x.device.type == "cuda" and aligned and x.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
-                   method: str = "auto") -> torch.Tensor:
-    """Rows of x sorted by group (counts[e] rows for group e) times w[e]: (N, K) -> (N, M).
+                   method: str = "auto", row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of x sorted by group (counts[e] rows for group e) times w[e]: (N, K) -> (N, M),
+    each output row times row_scale (N,) if given.
 
     `loop` runs one matmul per group on its contiguous slice; `grouped_mm` uses torch's
-    grouped GEMM. `auto` picks the one measured fastest (benchmarks/bench_model.py).
+    grouped GEMM (torch >= 2.9 for a CPU kernel). `auto`: grouped_mm where
+    `_grouped_mm_supported`, else the loop.
     """
     if method not in DISPATCH_METHODS:
         raise ValueError(f"unknown dispatch {method!r} (expected one of {DISPATCH_METHODS})")
     dtype = _compute_dtype(x)
     x, w = x.to(dtype), w.to(dtype)
+    if row_scale is not None:
+        row_scale = row_scale.to(dtype)
     if method == "auto":
         method = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
     if method == "grouped_mm":
         offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, w, offs=offsets)
-    slices = x.split(counts.tolist())
-    # unbind, not w[e]: its backward stacks the group gradients once, where indexing would
-    # add each one into its own zero-filled copy of the whole stack
-    return torch.cat([xs @ we for xs, we in zip(slices, w.unbind(0), strict=True)])
+        out = torch._grouped_mm(x, w, offs=offsets)
+        return out if row_scale is None else out * row_scale[:, None]
+    return _LoopGroupedMM.apply(x, w, row_scale, counts.tolist())
+
+
+class _LoopGroupedMM(torch.autograd.Function):
+    """One matmul per group, each writing its slice of one preallocated output (forward)
+    or gradient (backward), with the row scale applied to the slice while it is in cache:
+    no per-group results to concatenate, no per-expert gradients to stack, no extra pass
+    over all the rows for the scale (autograd through split / matmul / cat / mul made each
+    of those)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x, w, scale)
+        ctx.counts = counts
+        out = x.new_empty((x.shape[0], w.shape[-1]))
+        for e, rows in enumerate(_group_rows(counts)):
+            torch.mm(x[rows], w[e], out=out[rows])
+            if scale is not None:
+                out[rows].mul_(scale[rows, None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, scale = ctx.saved_tensors
+        need_x, need_w, need_scale = ctx.needs_input_grad[:3]
+        need_scale = need_scale and scale is not None
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x) if need_x or need_scale else None
+        grad_w = torch.empty_like(w) if need_w else None
+        grad_scale = torch.empty_like(scale) if need_scale else None
+        for e, rows in enumerate(_group_rows(ctx.counts)):
+            g_e, x_e = grad[rows], x[rows]
+            if grad_x is not None:
+                t = torch.mm(g_e, w[e].t(), out=grad_x[rows])  # (n, K): d out / d x, unscaled
+                if need_scale:  # d out_i / d scale_i = (x_i w): sum_j g_ij (x_i w)_j = t_i . x_i
+                    torch.sum(t * x_e, dim=-1, out=grad_scale[rows])
+                if scale is not None:
+                    t.mul_(scale[rows, None])
+            if grad_w is not None:
+                if rows.stop == rows.start:  # an expert no token chose
+                    grad_w[e].zero_()
+                    continue
+                g_scaled = g_e if scale is None else g_e * scale[rows, None]
+                torch.mm(x_e.t(), g_scaled, out=grad_w[e])
+        return grad_x if need_x else None, grad_w, grad_scale, None
+
+
+def _group_rows(counts: list[int]):
+    """The row slice of each group."""
+    start = 0
+    for n in counts:
+        yield slice(start, start + n)
+        start += n
 
 
 class RoutedExperts(nn.Module):
@@ -110,15 +142,21 @@ class RoutedExperts(nn.Module):
         self.w_down.residual_out = True  # GPT-2 scaled init
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
-        """x (N, C); expert_idx, gates (N, k); counts (n,) = pairs per expert -> (N, C)."""
+                counts: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C); expert_idx, gates (N, k); counts (n,) = pairs per expert -> (N, C):
+        base (N, C) (e.g. the shared experts' output; zeros if None) plus the gated sum."""
         N, k = expert_idx.shape
         order = expert_idx.reshape(-1).argsort(stable=True)  # (N * k) pairs sorted by expert
-        xs = x[order // k]  # (N * k, C)
+        token = order // k  # the token of each sorted pair
+        xs = x.index_select(0, token)  # (N * k, C)
         h = activate(grouped_matmul(xs, self.w_up, counts, self.dispatch), self.non_linearity)
-        ys = grouped_matmul(h, self.w_down, counts, self.dispatch)  # (N * k, C)
-        ys = torch.zeros_like(ys).index_copy(0, order, ys)  # back to (token, slot) order
-        return torch.bmm(gates.to(ys.dtype).unsqueeze(1), ys.view(N, k, -1)).squeeze(1)
+        pair_gates = gates.reshape(-1).index_select(0, order)  # (N * k,)
+        ys = grouped_matmul(h, self.w_down, counts, self.dispatch, pair_gates)  # (N * k, C)
+        # the gated pairs summed into their tokens (index_add, and its gradient index_select,
+        # are plain row loops; index_copy + bmm with the gates cost more here)
+        if base is None:
+            return ys.new_zeros((N, ys.shape[-1])).index_add_(0, token, ys)
+        return base.to(ys.dtype).index_add(0, token, ys)
 
 
 class MoE(nn.Module):
@@ -163,9 +201,8 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, C)
         scores, expert_idx, gates = self.route(flat)
         counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_routed)  # (E,)
-        y = self.experts(flat, expert_idx, gates, counts)  # (N, C)
-        if self.shared is not None:
-            y = y + self.shared(flat)
+        shared = self.shared(flat) if self.shared is not None else None
+        y = self.experts(flat, expert_idx, gates, counts, base=shared)  # (N, C)
         if self.training and torch.is_grad_enabled() and not is_recomputing():
             self._count(counts)
         aux = (self._aux_loss(scores, expert_idx, counts, B, T) if self.training
