@@ -20,6 +20,7 @@ from ..runtime import distributed as dist_utils
 from ..runtime.checkpoint import save_checkpoint
 from ..runtime.device import Precision
 from ..runtime.distributed import DistEnv
+from ..runtime.host_memory import keep_freed_memory
 from .data import TrainingData, open_training_data
 from .finetune import StartWeights, load_start_weights
 from .flops import mfu, peak_flops
@@ -90,6 +91,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        else:  # steps reuse their freed host memory instead of faulting it in again
+            keep_freed_memory()
         dist_utils.init(self.env, self.device)
         self.data: TrainingData = open_training_data(self.run, self.env)
         self._claim_run_dir()
