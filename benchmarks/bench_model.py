@@ -1,6 +1,9 @@
 """Training-step throughput on CPU: llmctl's model for four architectures, against a
 straightforward nanoGPT-style implementation of the dense dims, and MoE against a dense
-model of equal active parameters (both MoE dispatch methods). Prints JSON.
+model of equal active parameters (both MoE dispatch methods). Every model steps with the
+optimizer `llmctl train` builds (AdamW, decay on matrices only, torch's fused kernel where
+the device has one: the CPU does) and host memory kept for reuse as the trainer keeps it
+(llmctl/runtime/host_memory.py). Prints JSON.
 
     python benchmarks/bench_model.py [--n_layer 4 --n_embd 256 --block_size 256 ...]
 """
@@ -93,6 +96,9 @@ def main() -> None:
     from llmctl.config import load_config
     from llmctl.model import LLM
     from llmctl.model.costs import training_flops_per_token
+    from llmctl.runtime.host_memory import keep_freed_memory
+
+    env["keeps_freed_host_memory"] = keep_freed_memory()  # as `llmctl train` does on a CPU
 
     C, H = args.n_embd, args.n_head
     dense_up = 4 * C
@@ -132,8 +138,13 @@ def main() -> None:
     data = torch.randint(0, args.vocab_size, (B, T + 1))
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
+    from llmctl.train.optim import fused_available, param_groups
+
+    fused = fused_available(torch.device("cpu"))
+
     def step_fn(model: torch.nn.Module):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # the trainer's AdamW (train/optim.build_optimizer) for every model, the reference too
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None)
         model.train()
 
         def step() -> None:
