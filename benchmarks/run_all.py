@@ -76,7 +76,8 @@ def run_script(name: str, args: list[str], timeout: int) -> dict[str, Any]:
     return result
 
 
-def benchmarks(quick: bool, shared: Path | None) -> dict[str, tuple[str, list[str]]]:
+def benchmarks(quick: bool, shared: Path | None,
+               decode_against: Path | None = None) -> dict[str, tuple[str, list[str]]]:
     """name in the report -> (script, arguments)."""
     small = ["--n_layer", "2", "--n_embd", "128", "--n_head", "4"]
     model = (small + ["--block_size", "128", "--rounds", "3"]) if quick else []
@@ -96,6 +97,9 @@ def benchmarks(quick: bool, shared: Path | None) -> dict[str, tuple[str, list[st
         "bench_trainer.py": ("bench_trainer.py",
                              ["--rounds", "2", "--steps", "3"] if quick else []),
     }
+    if decode_against is not None:  # an earlier checkout: decode before / after, paired
+        plan["bench_decode_ab.py"] = ("bench_decode_ab.py", [str(decode_against)] + (
+            small + ["--new_tokens", "64", "--runs", "2", "--rounds", "1"] if quick else []))
     if shared and (shared / "tinyshakespeare.txt").is_file():
         plan["bench_recipe.py"] = ("bench_recipe.py", ["--text",
                                    str(shared / "tinyshakespeare.txt")] + (
@@ -133,6 +137,26 @@ def _decode_table(decode: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _decode_ab_table(ab: dict[str, Any]) -> list[str]:
+    if "results" not in ab:
+        return []
+    dims = ab["dims"]
+    lines = [f"**Decoding, this checkout vs `{ab['other']}`** (greedy `generate`, "
+             f"{dims['n_layer']} layers × {dims['n_embd']}, vocab {dims['vocab_size']}, "
+             f"{dims['new_tokens']} new tokens, batch 1, CPU time, alternating processes):", "",
+             "| attention | other tok/s | this tok/s | this / other | same tokens |",
+             "| :-- | --: | --: | --: | :-- |"]
+    for name, row in ab["results"].items():
+        if "ratio" in row:
+            lines.append(f"| {name} | {_fmt(row['other_tokens_per_s'])} | "
+                         f"{_fmt(row['this_tokens_per_s'])} | {row['ratio']:.2f}× | "
+                         f"{row['same_tokens']} |")
+        else:
+            lines.append(f"| {name} | failed (see the JSON report) | | | |")
+    lines.append("")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, r = report["machine"], report["results"]
     lines = [f"Measured {report['date']} on {m.get('cpu', m['machine'])} "
@@ -166,6 +190,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "so the gap between their rows shows this harness's noise.)", ""]
     for key in ("bench_decode.py", "bench_decode.py:char"):
         lines += _decode_table(r.get(key, {}))
+    lines += _decode_ab_table(r.get("bench_decode_ab.py", {}))
     mla = r.get("bench_mla.py", {})
     if "results" in mla:
         d = mla["dims"]
@@ -226,6 +251,9 @@ def main() -> None:
     parser.add_argument("--write-readme", action="store_true",
                         help="replace the table in benchmarks/README.md")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per benchmark")
+    parser.add_argument("--decode_against", type=Path, metavar="CHECKOUT",
+                        help="also time decoding against this earlier llmctl checkout "
+                             "(bench_decode_ab.py)")
     args = parser.parse_args()
     shared = Path(os.environ.get("LLMCTL_SHARED_DATA", HERE.parents[1] / "shared" / "data"))
 
@@ -233,7 +261,7 @@ def main() -> None:
                               "threads": args.threads, "quick": args.quick, "results": {}}
     peak = matmul_peak(args.threads)
     report["matmul_peak_gflops"] = round(peak / 1e9, 2)
-    for name, (script, script_args) in benchmarks(args.quick, shared).items():
+    for name, (script, script_args) in benchmarks(args.quick, shared, args.decode_against).items():
         if args.only and script not in args.only:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)

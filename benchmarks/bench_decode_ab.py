@@ -1,0 +1,121 @@
+"""Decode speed of this checkout against another llmctl checkout: greedy tokens/s at batch 1
+on CPU, per attention kind, each checkout's default `generate` in its own child process,
+the two alternating run by run so that load changes hit both alike. Prints JSON with the
+ratio (this / other) and whether the tokens are the same.
+
+    git worktree add /tmp/base <commit>          # the code to compare against
+    python benchmarks/bench_decode_ab.py /tmp/base [--runs 3 --rounds 4 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from _common import add_model_args, emit, environment
+
+HERE = Path(__file__).resolve().parent
+
+# One measurement in a child process: the model and prompt come from the same seed in
+# either checkout (the same config keys and init), so the tokens can be compared.
+CHILD = """
+import json, sys, time, torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+from llmctl.config import load_config
+from llmctl.infer.decode import generate
+from llmctl.model import LLM
+run = load_config(overrides=spec["overrides"], check_batch_split=False)
+torch.manual_seed(0)
+prompt = torch.randint(0, spec["overrides"]["vocab_size"], (1, spec["prompt_tokens"]))
+model = LLM(run.model).eval()
+out = generate(model, prompt, spec["new_tokens"], temperature=0)  # warm-up
+best = float("inf")
+for _ in range(spec["rounds"]):
+    start = time.process_time()
+    out = generate(model, prompt, spec["new_tokens"], temperature=0)
+    best = min(best, time.process_time() - start)
+import llmctl
+print(json.dumps({"seconds": best, "tokens": out[0].tolist(), "package": llmctl.__file__}))
+"""
+
+
+def measure(checkout: Path, spec: dict) -> dict:
+    # `python -c` puts the working folder first on the path: run it in the checkout
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
+                         cwd=checkout, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return {"error": (out.stderr or out.stdout)[-1500:]}
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("other", type=Path, help="the other llmctl checkout (its root)")
+    add_model_args(parser, block_size=512)
+    parser.add_argument("--prompt_tokens", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3, help="child processes per checkout")
+    parser.add_argument("--rounds", type=int, default=4, help="timed generations per child")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attn", nargs="*", default=["mha", "mqa", "gqa", "mla"])
+    args = parser.parse_args()
+    if not (args.other / "llmctl" / "__init__.py").is_file():
+        parser.error(f"{args.other} is not an llmctl checkout (no llmctl/__init__.py)")
+    env = environment(args.threads)
+    if args.prompt_tokens + args.new_tokens > args.block_size:
+        parser.error("prompt_tokens + new_tokens must fit in block_size (a pure cache run)")
+
+    C, H = args.n_embd, args.n_head
+    base = dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
+                block_size=args.block_size, up_dim=4 * C, pos_emb="rope")
+    extra = {"mha": {}, "mqa": {}, "gqa": {"n_kv_heads": max(1, H // 4)},
+             "mla": {"q_latent_dim": C // 2, "kv_latent_dim": C // 4,
+                     "rope_head_dim": C // H // 2}}
+    checkouts = {"this": HERE.parent, "other": args.other.resolve()}
+    results = {}
+    for attn in args.attn:
+        spec = {"overrides": {**base, "attn": attn, **extra[attn]}, "threads": args.threads,
+                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                "rounds": args.rounds}
+        best = dict.fromkeys(checkouts, float("inf"))
+        tokens, errors = {}, {}
+        for run in range(args.runs):
+            names = list(checkouts) if run % 2 == 0 else list(checkouts)[::-1]
+            for name in names:
+                got = measure(checkouts[name], spec)
+                if "error" in got:
+                    errors[name] = got["error"]
+                    continue
+                if Path(got["package"]).resolve().parents[1] != checkouts[name]:
+                    parser.error(f"{name}: imported {got['package']}, not {checkouts[name]}")
+                best[name] = min(best[name], got["seconds"])
+                tokens[name] = got["tokens"]
+        if errors:
+            results[attn] = {"error": errors}
+            continue
+        results[attn] = {
+            "this_tokens_per_s": round(args.new_tokens / best["this"], 1),
+            "other_tokens_per_s": round(args.new_tokens / best["other"], 1),
+            "ratio": round(best["other"] / best["this"], 2),
+            "same_tokens": tokens["this"] == tokens["other"],
+        }
+    ratios = [r["ratio"] for r in results.values() if "ratio" in r]
+    emit({
+        "benchmark": "greedy decoding, batch 1, CPU fp32: this checkout vs another",
+        "env": env, "other": str(checkouts["other"]),
+        "dims": {"n_layer": args.n_layer, "n_embd": C, "n_head": H,
+                 "block_size": args.block_size, "vocab_size": args.vocab_size,
+                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
+        "results": results,
+        "min_ratio": min(ratios) if ratios else None,
+    })
+
+
+if __name__ == "__main__":
+    main()
