@@ -26,6 +26,17 @@ def add_model_args(parser: argparse.ArgumentParser, *, n_layer: int = 4, n_embd:
     parser.add_argument("--block_size", type=int, default=block_size)
 
 
+def decode_overrides(args: argparse.Namespace, attn: str) -> dict[str, Any]:
+    """The decoding benchmarks' model for one attention kind (rope, 4x MLP), as config keys."""
+    C, H = args.n_embd, args.n_head
+    extra = {"mha": {}, "mqa": {}, "gqa": {"n_kv_heads": max(1, H // 4)},
+             "mla": {"q_latent_dim": C // 2, "kv_latent_dim": C // 4,
+                     "rope_head_dim": C // H // 2}}
+    return dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
+                block_size=args.block_size, up_dim=4 * C, pos_emb="rope", attn=attn,
+                **extra[attn])
+
+
 def environment(threads: int) -> dict[str, Any]:
     import torch
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import add_model_args, emit, environment
+from _common import add_model_args, decode_overrides, emit, environment
 
 
 def main() -> None:
@@ -33,14 +33,8 @@ def main() -> None:
     from llmctl.infer.decode import generate
     from llmctl.model import LLM
 
-    C, H = args.n_embd, args.n_head
     if args.prompt_tokens + args.new_tokens > args.block_size:
         parser.error("prompt_tokens + new_tokens must fit in block_size (a pure cache run)")
-    base = dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
-                block_size=args.block_size, up_dim=4 * C, pos_emb="rope")
-    extra = {"mha": {}, "mqa": {}, "gqa": {"n_kv_heads": max(1, H // 4)},
-             "mla": {"q_latent_dim": C // 2, "kv_latent_dim": C // 4,
-                     "rope_head_dim": C // H // 2}}
     torch.manual_seed(0)
     prompt = torch.randint(0, args.vocab_size, (1, args.prompt_tokens))
 
@@ -60,8 +54,7 @@ def main() -> None:
 
     results = {}
     for attn in args.attn:
-        run = load_config(overrides={**base, "attn": attn, **extra[attn]},
-                          check_batch_split=False)
+        run = load_config(overrides=decode_overrides(args, attn), check_batch_split=False)
         model = LLM(run.model).eval()
         runs = {"fast": fast, "cache": cached, "recompute": recompute}
         if args.no_recompute:
@@ -86,7 +79,7 @@ def main() -> None:
         "benchmark": "greedy decoding, batch 1, CPU fp32: fast step, reference cache, "
                      "full recompute",
         "env": env,
-        "dims": {"n_layer": args.n_layer, "n_embd": C, "n_head": H,
+        "dims": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "block_size": args.block_size, "vocab_size": args.vocab_size,
                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
         "results": results,

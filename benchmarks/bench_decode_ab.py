@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import add_model_args, emit, environment
+from _common import add_model_args, decode_overrides, emit, environment
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,16 +71,10 @@ def main() -> None:
     if args.prompt_tokens + args.new_tokens > args.block_size:
         parser.error("prompt_tokens + new_tokens must fit in block_size (a pure cache run)")
 
-    C, H = args.n_embd, args.n_head
-    base = dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
-                block_size=args.block_size, up_dim=4 * C, pos_emb="rope")
-    extra = {"mha": {}, "mqa": {}, "gqa": {"n_kv_heads": max(1, H // 4)},
-             "mla": {"q_latent_dim": C // 2, "kv_latent_dim": C // 4,
-                     "rope_head_dim": C // H // 2}}
     checkouts = {"this": HERE.parent, "other": args.other.resolve()}
     results = {}
     for attn in args.attn:
-        spec = {"overrides": {**base, "attn": attn, **extra[attn]}, "threads": args.threads,
+        spec = {"overrides": decode_overrides(args, attn), "threads": args.threads,
                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                 "rounds": args.rounds}
         best = dict.fromkeys(checkouts, float("inf"))
@@ -109,7 +103,7 @@ def main() -> None:
     emit({
         "benchmark": "greedy decoding, batch 1, CPU fp32: this checkout vs another",
         "env": env, "other": str(checkouts["other"]),
-        "dims": {"n_layer": args.n_layer, "n_embd": C, "n_head": H,
+        "dims": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "block_size": args.block_size, "vocab_size": args.vocab_size,
                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
         "results": results,

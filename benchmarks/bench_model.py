@@ -138,13 +138,13 @@ def main() -> None:
     data = torch.randint(0, args.vocab_size, (B, T + 1))
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
-    from llmctl.train.optim import fused_available, param_groups
+    from llmctl.train.optim import build_optimizer
 
-    fused = fused_available(torch.device("cpu"))
+    train_cfg = run.train  # the default training config: the same for every model
 
     def step_fn(model: torch.nn.Module):
-        # the trainer's AdamW (train/optim.build_optimizer) for every model, the reference too
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None)
+        # the trainer's optimizer (the default AdamW) for every model, the reference too
+        opt = build_optimizer(model, train_cfg, torch.device("cpu"))
         model.train()
 
         def step() -> None:

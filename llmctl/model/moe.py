@@ -38,12 +38,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Where `auto` uses torch's grouped GEMM: CUDA, bf16, sm90+ (its kernel's needs), with
-    16-byte aligned rows; its compile-time shape function accepts bf16 only. On a CPU the
-    loop below measured faster (benchmarks/bench_model.py: grouped_mm_vs_loop)."""
+    """Where `auto` uses torch's grouped GEMM: CUDA, bf16 (its kernel's and its compile-time
+    shape function's need), sm90+, with 16-byte aligned rows. On a CPU the loop below
+    measured faster (benchmarks/bench_model.py: grouped_mm_vs_loop)."""
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False
     return (x.device.type == "cuda" and aligned and x.dtype == torch.bfloat16
             and hasattr(torch, "_grouped_mm")
             and torch.cuda.get_device_capability(x.device) >= (9, 0))

@@ -19,7 +19,6 @@ elsewhere than glibc this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import sys
@@ -38,13 +37,11 @@ def keep_freed_memory() -> bool:
     (False off Linux/glibc, or with LLMCTL_KEEP_HOST_MEMORY=0)."""
     if os.environ.get(DISABLE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu_libc = libc.gnu_get_libc_version  # musl has mallopt as a no-op stub, no this
-    except (OSError, AttributeError):
+    process = ctypes.CDLL(None)  # the C library this process already runs on, not a search
+    # musl has mallopt as a no-op stub, and no gnu_get_libc_version
+    if not (hasattr(process, "mallopt") and hasattr(process, "gnu_get_libc_version")):
         return False
-    del gnu_libc
+    mallopt = process.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
