@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def main() -> None:
         spec = {"overrides": decode_overrides(args, attn), "threads": args.threads,
                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                 "rounds": args.rounds}
-        best = dict.fromkeys(checkouts, float("inf"))
+        seconds: dict[str, list[float]] = {name: [] for name in checkouts}
         tokens, errors = {}, {}
         for run in range(args.runs):
             names = list(checkouts) if run % 2 == 0 else list(checkouts)[::-1]
@@ -88,18 +89,24 @@ def main() -> None:
                     continue
                 if Path(got["package"]).resolve().parents[1] != checkouts[name]:
                     parser.error(f"{name}: imported {got['package']}, not {checkouts[name]}")
-                best[name] = min(best[name], got["seconds"])
+                seconds[name].append(got["seconds"])
                 tokens[name] = got["tokens"]
         if errors:
             results[attn] = {"error": errors}
             continue
+        best = {name: min(times) for name, times in seconds.items()}
+        # each run's pair, measured back to back: robust to load that drifts over minutes
+        paired = sorted(o / t for t, o in zip(seconds["this"], seconds["other"], strict=True))
         results[attn] = {
             "this_tokens_per_s": round(args.new_tokens / best["this"], 1),
             "other_tokens_per_s": round(args.new_tokens / best["other"], 1),
             "ratio": round(best["other"] / best["this"], 2),
+            "paired_ratios": [round(r, 2) for r in paired],
+            "median_paired_ratio": round(statistics.median(paired), 2),
             "same_tokens": tokens["this"] == tokens["other"],
         }
     ratios = [r["ratio"] for r in results.values() if "ratio" in r]
+    medians = [r["median_paired_ratio"] for r in results.values() if "ratio" in r]
     emit({
         "benchmark": "greedy decoding, batch 1, CPU fp32: this checkout vs another",
         "env": env, "other": str(checkouts["other"]),
@@ -108,6 +115,7 @@ def main() -> None:
                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
         "results": results,
         "min_ratio": min(ratios) if ratios else None,
+        "min_median_paired_ratio": min(medians) if medians else None,
     })
 
 

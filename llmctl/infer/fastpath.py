@@ -10,12 +10,17 @@ with fewer, cheaper operations:
 - the step works on (B, C) rows; residual adds ride on the output projections (`addmm`);
 - on a CPU the projection weights are read from an (in, out) contiguous copy made once per
   decoder (MKL's matrix-vector product streams that layout ~1.3x faster; no copy when it
-  would take more than a quarter of the free memory);
+  would take more than a quarter of the free memory). Where the step owns such copies
+  (CPU, fp32 / fp64) the softmax scale is folded into the query weights;
 - RoPE tables are built once for the window, and queries and keys rotate together in three
   elementwise operations (exactly apply_rope's products and sums);
 - the one new query attends with two batched products and a softmax, grouped by KV head
-  for mqa / gqa (SDPA's setup costs more than the work at one query); MLA attends to its
-  cached latents with W_uk and W_uv absorbed;
+  for mqa / gqa (SDPA's setup costs more than the work at one query), reading keys and
+  values through views of the cache made once per decoder;
+- MLA takes its query and key latents from one product (W_dq and W_dkv side by side) and
+  attends to its cached latents with W_uk and W_uv absorbed; W_uk is absorbed into the
+  query's up-projection itself where the step owns its weights and the merged matrix is not
+  much larger than the two it replaces;
 - the cache is allocated once for every token the caller will generate, and each layer
   writes its new row in place.
 
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import CausalSelfAttention
-from ..model.cache import KVCache
+from ..model.cache import KVCache, LayerCache
 from ..model.mla import MultiHeadLatentAttention
 from ..model.mlp import MLP, activate
 from ..model.moe import MoE
@@ -50,6 +55,10 @@ _FFN = (MLP, MoE)
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 # column-major copies only while they take at most this share of the free memory
 _LAYOUT_MEMORY_SHARE = 0.25
+# MLA: W_uk is merged into the query up-projection while the merged matrix holds at most this
+# many numbers more than the two it replaces (about what the operations it saves cost, in
+# time, to stream from memory)
+_ABSORB_SLACK = 1 << 16
 
 
 def supports(model: nn.Module) -> bool:
@@ -78,35 +87,51 @@ def _projection_weights(model: LLM) -> list[torch.Tensor]:
     return weights
 
 
-def transposed_weights(model: LLM) -> dict[int, torch.Tensor]:
+def owns_copies(model: LLM) -> bool:
+    """Whether the step copies the projection weights into (in, out) layout: on a CPU with
+    fp32 / fp64 weights, when the copies fit in a quarter of the free memory."""
+    weights = _projection_weights(model)
+    if not all(w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
+               for w in weights):
+        return False
+    need = sum(w.numel() * w.element_size() for w in weights)
+    free, _ = available_memory(weights[0].device)
+    return free is None or need <= _LAYOUT_MEMORY_SHARE * free
+
+
+def transposed_weights(model: LLM, copy: bool | None = None) -> dict[int, torch.Tensor]:
     """{id(weight): weight^T as an (in, out) tensor} for every projection of the step: a
-    contiguous copy on a CPU with fp32 / fp64 weights when it fits in memory (MKL's
-    matrix-vector product reads that layout faster), else the transposed view."""
-    weights = {id(w): w.detach() for w in _projection_weights(model)}
-    copy = all(w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
-               for w in weights.values())
-    if copy:
-        need = sum(w.numel() * w.element_size() for w in weights.values())
-        free, _ = available_memory(next(iter(weights.values())).device)
-        copy = free is None or need <= _LAYOUT_MEMORY_SHARE * free
-    return {key: w.t().contiguous() if copy else w.t() for key, w in weights.items()}
+    contiguous copy when `copy` (default: `owns_copies(model)`), else the transposed view."""
+    if copy is None:
+        copy = owns_copies(model)
+    return {id(w): w.detach().t().contiguous() if copy else w.detach().t()
+            for w in _projection_weights(model)}
 
 
 class _Rotary:
-    """RoPE tables for every position of the window, as (block_size, dim) rows: at one
-    position x * cos + x[perm] * sin_signed equals apply_rope's rotate-half formula exactly
-    (x1 cos - x2 sin, x2 cos + x1 sin: the same products and sums)."""
+    """RoPE tables for every position of the window, for rows of `plain + dim` numbers whose
+    first `plain` pass unchanged and whose last `dim` rotate. At one position
+    x * cos + x[perm] * sin_signed equals apply_rope's rotate-half formula exactly
+    (x1 cos - x2 sin, x2 cos + x1 sin: the same products and sums); a plain number meets
+    cos 1 and sin 0, and x * 1 + x * 0 is x."""
 
-    def __init__(self, positions: Positions, dim: int, dtype: torch.dtype):
+    def __init__(self, positions: Positions, dim: int, plain: int, dtype: torch.dtype):
         cos, sin = positions.rope(dim)  # (block_size, dim/2)
+        device = cos.device
         self.cos = torch.cat((cos, cos), dim=-1).to(dtype)  # (block_size, dim)
         self.sin = torch.cat((-sin, sin), dim=-1).to(dtype)
         half = dim // 2
-        self.perm = torch.cat((torch.arange(half, dim), torch.arange(half))).to(cos.device)
+        perm = torch.cat((torch.arange(half, dim), torch.arange(half))) + plain
+        self.perm = torch.cat((torch.arange(plain), perm)).to(device)
+        self.plain = plain
+        self.ones = torch.ones(plain, dtype=dtype, device=device)
+        self.zeros = torch.zeros(plain, dtype=dtype, device=device)
 
     def at(self, position: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The rotation at one position, for (..., dim) rows (rows selected once per step)."""
+        """The rotation at one position, for (..., plain + dim) rows (built once per step)."""
         cos, sin, perm = self.cos[position], self.sin[position], self.perm
+        if self.plain:
+            cos, sin = torch.cat((self.ones, cos)), torch.cat((self.zeros, sin))
         return lambda x: x * cos + x.index_select(-1, perm) * sin
 
 
@@ -124,11 +149,13 @@ class FastDecoder:
         self.block_size = model.config.block_size
         self.total_tokens = min(total_tokens, self.block_size)
         self.cache: KVCache | None = None
+        self._room = 0  # tokens every layer's buffers hold
         weight = model.wte.weight
         # the position tables of the reference path, for every position at once
         self.positions = Positions(0, self.block_size, weight.device, model.config.rope_theta)
-        self._rotary: dict[int, _Rotary] = {}
-        wt = transposed_weights(model)
+        self._rotary: dict[tuple[int, int], _Rotary] = {}
+        self.owned = owns_copies(model)
+        wt = transposed_weights(model, copy=self.owned)
         self._layers = [_Layer(self, block, wt) for block in model.blocks]
         self._final_norm = _norm_fn(model.norm_f)
         self._head = wt[id(model.lm_head.weight)]
@@ -142,12 +169,20 @@ class FastDecoder:
         self.cache = KVCache(len(self.model.blocks), capacity=self.block_size,
                              reserve=self.total_tokens)
         out = self.model(idx, kv_cache=self.cache, last_logits_only=True)
+        self._bind()
         return out.logits[:, -1]
 
-    def rotary(self, dim: int) -> _Rotary:
-        if dim not in self._rotary:
-            self._rotary[dim] = _Rotary(self.positions, dim, self.model.wte.weight.dtype)
-        return self._rotary[dim]
+    def rotary(self, dim: int, plain: int = 0) -> _Rotary:
+        key = (plain, dim)
+        if key not in self._rotary:
+            self._rotary[key] = _Rotary(self.positions, dim, plain, self.model.wte.weight.dtype)
+        return self._rotary[key]
+
+    def _bind(self) -> None:
+        """Point the layers at the cache buffers (after they are allocated or grown)."""
+        for layer, layer_cache in zip(self._layers, self.cache.layers, strict=True):
+            layer.bind(layer_cache)
+        self._room = min(layer_cache.allocated for layer_cache in self.cache.layers)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """(B,) token ids -> (B, V) logits of the next position."""
@@ -155,16 +190,18 @@ class FastDecoder:
         at = self.cache.length
         if at >= self.block_size:
             raise ValueError("the cache is full (block_size tokens); crop and prefill again")
-        for layer_cache in self.cache.layers:
-            if at + 1 > layer_cache.allocated:  # no room reserved: grow as the model would
-                layer_cache._grow(tuple(layer_cache.buffers), at + 1)
+        if at + 1 > self._room:  # no room reserved: grow as the model would
+            for layer_cache in self.cache.layers:
+                if at + 1 > layer_cache.allocated:
+                    layer_cache._grow(tuple(layer_cache.buffers), at + 1)
+            self._bind()
         x = F.embedding(token, model.wte.weight)  # (B, C)
         if model.wpe is not None:
             x = x + model.wpe.weight[at]
         elif cfg.pos_emb == "sin":
             x = x + sinusoidal(torch.tensor([at], device=x.device), cfg.n_embd).to(x.dtype)
-        # the rotation of this position, per rotary width (shared by the layers)
-        rotations = {dim: rotary.at(at) for dim, rotary in self._rotary.items()}
+        # the rotations of this position, per table (shared by the layers)
+        rotations = {key: rotary.at(at) for key, rotary in self._rotary.items()}
         for layer, layer_cache in zip(self._layers, self.cache.layers, strict=True):
             x = layer.attend(layer.attn_norm(x), x, layer_cache, at, rotations)
             x = layer.feed_forward(layer.ffn_norm(x), x)
@@ -174,40 +211,31 @@ class FastDecoder:
         return logits
 
 
-def _norm_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The norm as a function of the rows, with its arguments looked up once."""
+def _norm_fn(module: nn.Module, gain: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The norm as a function of the rows, with its arguments looked up once (`gain`
+    multiplies its weight: a scale folded in)."""
     shape, weight, eps = module.normalized_shape, module.weight, module.eps
+    if gain != 1.0:
+        weight = weight.detach() * gain
     if type(module) is nn.LayerNorm:
         bias = module.bias
-        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+        return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
     return lambda x: F.rms_norm(x, shape, weight, eps)
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-            scale: torch.Tensor) -> torch.Tensor:
-    """(B, H, d) queries of the newest position over (B, Hkv, L, d) keys and
-    (B, Hkv, L, dv) values (head h reads KV head h // (H / Hkv)) -> (B, H, dv). `scale`
-    is a 0-d fp32 tensor (a Python float costs a conversion per call)."""
-    B, H, d = q.shape
-    kv, L, dv = keys.shape[1], keys.shape[2], values.shape[-1]
-    if q.dtype != torch.float32:  # low precision: SDPA's kernel accumulates in fp32
-        y = F.scaled_dot_product_attention(q[:, :, None], keys, values, scale=scale.item(),
-                                           enable_gqa=kv != H)
-        return y[:, :, 0]
-    # the query heads that share each KV head, scaled (fewer numbers than the scores)
-    grouped = (q * scale).reshape(B * kv, H // kv, d)
-    scores = torch.bmm(grouped, keys.reshape(B * kv, L, d).transpose(1, 2))
-    probs = scores.softmax(dim=-1)  # (B * Hkv, H / Hkv, L)
-    return torch.bmm(probs, values.reshape(B * kv, L, dv)).view(B, H, dv)
-
-
-def _write(layer_cache, at: int, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Write one new row per buffer at position `at` (room is there); views up to it.
-    Rows are the buffers' shapes without the time axis (dim -2)."""
-    for buffer, row in zip(layer_cache.buffers, rows, strict=True):
-        buffer.select(-2, at).copy_(row)
-    layer_cache.length = at + 1
-    return tuple(buffer[..., :at + 1, :] for buffer in layer_cache.buffers)
+def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
+            scale: float | None) -> torch.Tensor:
+    """(Bk, G, d) queries of the newest position (the G query heads that share each of the
+    Bk = B * Hkv KV heads) over (Bk, d, L) transposed keys and (Bk, L, dv) values ->
+    (Bk, G, dv). `scale`: the softmax scale, None where the queries carry it already."""
+    if q.dtype not in (torch.float32, torch.float64):  # SDPA's kernel accumulates in fp32
+        y = F.scaled_dot_product_attention(q[:, None], keys_t.transpose(1, 2)[:, None],
+                                           values[:, None], scale=scale or 1.0)
+        return y[:, 0]
+    if scale is not None:  # on the queries: fewer numbers than the scores
+        q = q * scale
+    probs = torch.bmm(q, keys_t).softmax(dim=-1)  # (Bk, G, L)
+    return torch.bmm(probs, values)
 
 
 class _Layer:
@@ -219,35 +247,81 @@ class _Layer:
         attn, ffn = block.attn, block.ffn
         self.attn, self.ffn = attn, ffn
         if type(attn) is CausalSelfAttention:
-            self.attend = self._attention
-            self.w_qkv, self.w_proj = wt[id(attn.qkv.weight)], wt[id(attn.proj.weight)]
-            self.heads = (attn.n_head, attn.n_kv_heads, attn.head_dim)
-            scale = 1.0 / math.sqrt(attn.head_dim)
-            self.qk_norms = None if attn.q_head_norm is None else (
-                _norm_fn(attn.q_head_norm), _norm_fn(attn.k_head_norm))
-            self.rope_dim = attn.head_dim if attn.rope else 0
+            self._init_attention(decoder, attn, wt)
         else:
-            self.attend = self._mla
-            self.w_q_down, self.w_q_up = wt[id(attn.q_down.weight)], wt[id(attn.q_up.weight)]
-            self.w_kv_down, self.w_proj = wt[id(attn.kv_down.weight)], wt[id(attn.proj.weight)]
-            self.q_norm, self.kv_norm = _norm_fn(attn.q_norm), _norm_fn(attn.kv_norm)
-            H, hd, lat = attn.n_head, attn.head_dim, attn.kv_latent_dim
-            w_uk, w_uv = attn.kv_up.weight.detach().view(2, H, hd, lat)
-            # W_uk as (H, hd, lat) and W_uv^T as (H, lat, hd), contiguous
-            self.w_uk, self.w_uv_t = w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
-            self.rope_dim = attn.rope_dim
-            self.positions_theta = decoder.config.rope_theta
-            scale = attn.scale
-        # fp32: the value the kernels compute with (SDPA, for other dtypes, takes it as such)
-        self.scale = torch.tensor(scale, device=decoder.model.wte.weight.device)
-        if self.rope_dim:
-            decoder.rotary(self.rope_dim)  # its tables exist before the first step
+            self._init_mla(decoder, attn, wt)
         if type(ffn) is MLP:  # the residual add rides on the down projection
             self.feed_forward = self._mlp
             self.w_up, self.w_down = wt[id(ffn.up.weight)], wt[id(ffn.down.weight)]
             self.non_linearity = ffn.non_linearity
         else:
             self.feed_forward = self._moe
+
+    def _init_attention(self, decoder: FastDecoder, attn: CausalSelfAttention,
+                        wt: dict[int, torch.Tensor]) -> None:
+        self.attend, self.latent = self._attention, False
+        H, kv, hd = attn.n_head, attn.n_kv_heads, attn.head_dim
+        self.heads = (H, kv, hd)
+        self.w_qkv, self.w_proj = wt[id(attn.qkv.weight)], wt[id(attn.proj.weight)]
+        scale = 1.0 / math.sqrt(hd)
+        # the softmax scale rides on the queries' weights where the step owns them
+        self.scale = None if decoder.owned else scale
+        if attn.q_head_norm is None:
+            self.qk_norms = None
+            if decoder.owned:  # this layer's own copy
+                self.w_qkv[:, :H * hd] *= scale
+        else:  # QK-norm: on the query norm's gains
+            self.qk_norms = (_norm_fn(attn.q_head_norm, 1.0 if self.scale else scale),
+                             _norm_fn(attn.k_head_norm))
+        self.rope_dim = hd if attn.rope else 0
+        if self.rope_dim:
+            decoder.rotary(hd)  # its tables exist before the first step
+
+    def _init_mla(self, decoder: FastDecoder, attn: MultiHeadLatentAttention,
+                  wt: dict[int, torch.Tensor]) -> None:
+        self.attend, self.latent = self._mla, True
+        H, hd, r, lat = attn.n_head, attn.head_dim, attn.rope_dim, attn.kv_latent_dim
+        ql = attn.q_down.weight.shape[0]  # the query latent's width
+        # one product for [query latent | c | k_rope]
+        self.w_in = torch.cat((wt[id(attn.q_down.weight)], wt[id(attn.kv_down.weight)]), 1)
+        self.w_proj = wt[id(attn.proj.weight)]
+        self.q_norm, self.kv_norm = _norm_fn(attn.q_norm), _norm_fn(attn.kv_norm)
+        w_uk, w_uv = attn.kv_up.weight.detach().view(2, H, hd, lat)  # (H, hd, lat) each
+        self.w_uv_t = w_uv.transpose(1, 2).contiguous()  # W_uv^T as (H, lat, hd)
+        self.scale = None if decoder.owned else attn.scale
+        self.absorbed = decoder.owned and (
+            ql * H * (lat + r) <= ql * H * (hd + r) + H * hd * lat + _ABSORB_SLACK)
+        w_q = wt[id(attn.q_up.weight)]  # (ql, H * (hd + r))
+        if self.absorbed:  # per head [q_latent W_uq,h W_uk,h | q_latent W_qr,h], scaled
+            w = w_q.double().view(ql, H, hd + r)
+            nope = torch.einsum("qhd,hdc->qhc", w[..., :hd], w_uk.double())  # (ql, H, lat)
+            merged = torch.cat((nope, w[..., hd:]), dim=-1) * attn.scale
+            self.w_q = merged.reshape(ql, H * (lat + r)).to(w_q.dtype)
+        else:
+            self.w_q, self.w_uk = w_q, w_uk.contiguous()
+            if decoder.owned:  # this layer's own copy
+                self.w_q *= attn.scale
+        self.dims = (H, hd, r, lat, ql)
+        self.positions_theta = decoder.config.rope_theta
+        if r:  # the tables exist before the first step
+            decoder.rotary(r, plain=lat)  # key rows [c | k_rope] and absorbed queries
+            if not self.absorbed:
+                decoder.rotary(r, plain=hd)  # queries [q_nope | q_rope]
+
+    def bind(self, layer_cache: LayerCache) -> None:
+        """Views of this layer's cache buffers, for writing rows and reading keys / values
+        (made again whenever the buffers are reallocated)."""
+        if not self.latent:
+            keys, values = layer_cache.buffers  # (B, Hkv, A, hd) each, contiguous
+            B, kv, A, hd = keys.shape
+            self.key_rows, self.value_rows = keys, values
+            self.keys_t = keys.view(B * kv, A, hd).transpose(1, 2)  # (B * Hkv, hd, A)
+            self.values = values.view(B * kv, A, hd)
+        elif self.attn.q_head_norm is None:  # MLA: one buffer of [c | k_rope] rows
+            (latents,) = layer_cache.buffers  # (B, A, lat + r)
+            self.rows = latents
+            self.keys_t = latents.transpose(1, 2)  # (B, lat + r, A)
+            self.values = latents[..., :self.dims[3]]  # (B, A, lat)
 
     def _mlp(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         up = torch.mm(h, self.w_up)
@@ -256,7 +330,7 @@ class _Layer:
     def _moe(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(h[:, None])[0][:, 0]
 
-    def _attention(self, h: torch.Tensor, x: torch.Tensor, layer_cache, at: int,
+    def _attention(self, h: torch.Tensor, x: torch.Tensor, layer_cache: LayerCache, at: int,
                    rotations: dict) -> torch.Tensor:
         """x + attention of the (B, C) rows h (mha / mqa / gqa)."""
         B = h.shape[0]
@@ -268,12 +342,15 @@ class _Layer:
         else:
             qk = qkv[:, :H + kv]  # (B, H + kv, hd)
         if self.rope_dim:  # queries and keys rotate by the same angles: one call
-            qk = rotations[hd](qk)
-        keys, values = _write(layer_cache, at, qk[:, H:], qkv[:, H + kv:])
-        y = _attend(qk[:, :H], keys, values, self.scale)  # (B, H, hd)
-        return torch.addmm(x, y.reshape(B, H * hd), self.w_proj)
+            qk = rotations[(0, hd)](qk)
+        self.key_rows.select(-2, at).copy_(qk[:, H:])
+        self.value_rows.select(-2, at).copy_(qkv[:, H + kv:])
+        layer_cache.length = L = at + 1
+        y = _attend(qk[:, :H].reshape(B * kv, H // kv, hd), self.keys_t[..., :L],
+                    self.values[:, :L], self.scale)  # (B * kv, H / kv, hd)
+        return torch.addmm(x, y.view(B, H * hd), self.w_proj)
 
-    def _mla(self, h: torch.Tensor, x: torch.Tensor, layer_cache, at: int,
+    def _mla(self, h: torch.Tensor, x: torch.Tensor, layer_cache: LayerCache, at: int,
              rotations: dict) -> torch.Tensor:
         """x + MLA of the (B, C) rows h, attending to the cached latents (absorbed)."""
         attn = self.attn
@@ -281,21 +358,27 @@ class _Layer:
         if attn.q_head_norm is not None:  # QK-norm's absorbed form: the module's own path
             pos = Positions(at, 1, h.device, self.positions_theta)
             return x + attn(h[:, None], pos, layer_cache)[:, 0]
-        H, hd, r, lat = attn.n_head, attn.head_dim, attn.rope_dim, attn.kv_latent_dim
-        q = torch.mm(self.q_norm(torch.mm(h, self.w_q_down)),
-                     self.w_q_up).view(B, H, hd + r)  # (B, H, hd + r)
-        row = torch.mm(h, self.w_kv_down)  # (B, lat + r): [c | k_rope]
-        c = self.kv_norm(row[:, :lat])
-        if r:  # the H query parts and the shared key part rotate alike: one call
-            rotated = rotations[r](torch.cat((q[..., hd:], row[:, None, lat:]), dim=1))
-            q_rope, row = rotated[:, :H], torch.cat((c, rotated[:, H]), dim=-1)
+        H, hd, r, lat, ql = self.dims
+        latents = torch.mm(h, self.w_in)  # (B, ql + lat + r): [query latent | c | k_rope]
+        key_row = latents[:, ql:]  # (B, lat + r)
+        if self.absorbed:  # (B, H, lat + r): [q W_uk | q_rope] per head
+            q = torch.mm(self.q_norm(latents[:, :ql]), self.w_q).view(B, H, lat + r)
+            if r:  # the queries' and the key's rotary parts turn by the same angles
+                rotate = rotations[(lat, r)]
+                q, key_row = rotate(q), rotate(key_row)
         else:
-            row = c
-        (latents,) = _write(layer_cache, at, row)  # (B, L, lat + r)
-        q_lat = torch.bmm(q[..., :hd].transpose(0, 1), self.w_uk).transpose(0, 1)  # (B, H, lat)
+            q = torch.mm(self.q_norm(latents[:, :ql]), self.w_q).view(B, H, hd + r)
+            if r:
+                q, key_row = rotations[(hd, r)](q), rotations[(lat, r)](key_row)
+            q_c = torch.bmm(q[..., :hd].transpose(0, 1), self.w_uk).transpose(0, 1)
+            q = torch.cat((q_c, q[..., hd:]), dim=-1) if r else q_c  # (B, H, lat + r)
+        row = self.rows.select(-2, at)  # (B, lat + r): [c | k_rope], written in place
         if r:
-            q_lat = torch.cat((q_lat, q_rope), dim=-1)  # (B, H, lat + r)
+            torch.cat((self.kv_norm(key_row[:, :lat]), key_row[:, lat:]), dim=-1, out=row)
+        else:
+            row.copy_(self.kv_norm(key_row))
+        layer_cache.length = L = at + 1
         # one KV head shared by all: keys are the rows [c, k_rope], values their c part
-        o = _attend(q_lat, latents[:, None], latents[:, None, :, :lat], self.scale)
+        o = _attend(q, self.keys_t[..., :L], self.values[:, :L], self.scale)  # (B, H, lat)
         y = torch.bmm(o.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # (B, H, hd)
         return torch.addmm(x, y.reshape(B, H * hd), self.w_proj)

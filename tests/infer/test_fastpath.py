@@ -79,6 +79,49 @@ def test_cache_never_grows_during_decoding() -> None:
         assert [b.data_ptr() for layer in decoder.cache.layers for b in layer.buffers] == buffers
 
 
+def _assert_steps_equal_the_forward(model: LLM, prompt: torch.Tensor, steps: int,
+                                    total_tokens: int, atol: float = 1e-5) -> FastDecoder:
+    """Each fast step's logits against the model's own cached forward, token by token."""
+    with torch.no_grad():
+        decoder = FastDecoder(model, total_tokens=total_tokens)
+        logits, out = decoder.prefill(prompt), model(prompt)
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            logits = decoder.step(token)
+            out = model(token[:, None], kv_cache=out.kv_cache)
+            assert logits.dtype == model.wte.weight.dtype
+            assert torch.allclose(logits, out.logits[:, -1], atol=atol, rtol=0)
+    return decoder
+
+
+def test_steps_past_the_reserved_rows_grow_the_cache_and_stay_exact() -> None:
+    for attn in ("gqa", "mla"):
+        model = _model(attn=attn, pos_emb="rope", block_size=200)
+        # 3 reserved tokens -> 64 rows allocated; 80 steps grow them once
+        decoder = _assert_steps_equal_the_forward(model, torch.randint(0, 53, (2, 3)), 80, 3)
+        assert decoder.cache.layers[0].allocated == 128
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_mla_with_and_without_w_uk_merged_into_the_query_weights(absorb, monkeypatch) -> None:
+    import llmctl.infer.fastpath as fastpath
+
+    if not absorb:  # the merged matrix counts as too large
+        monkeypatch.setattr(fastpath, "_ABSORB_SLACK", -10**9)
+    model = _model(attn="mla", pos_emb="rope")
+    decoder = _assert_steps_equal_the_forward(model, torch.randint(0, 53, (2, 5)), 12, 17)
+    assert [layer.absorbed for layer in decoder._layers] == [absorb] * 2
+    prompt = torch.randint(0, 53, (1, 4))
+    assert torch.equal(generate(model, prompt, 12, temperature=0),
+                       generate(model, prompt, 12, temperature=0, fast=False))
+
+
+@pytest.mark.parametrize("attn", ["mha", "gqa", "mla"])
+def test_float64_steps_equal_the_reference(attn) -> None:
+    model = _model(attn=attn, pos_emb="rope", qk_norm=attn == "gqa").double()
+    _assert_steps_equal_the_forward(model, torch.randint(0, 53, (2, 4)), 5, 9, atol=1e-12)
+
+
 def test_unknown_modules_use_the_reference_path() -> None:
     model = _model()
     model.blocks[0].attn_norm = torch.nn.Identity()
