@@ -1,10 +1,11 @@
 """Decode speed of this checkout against another llmctl checkout: greedy tokens/s at batch 1
 on CPU, per attention kind, each checkout's default `generate` in its own child process,
 the two alternating run by run so that load changes hit both alike. Prints JSON with the
-ratio (this / other) and whether the tokens are the same.
+ratio of the best runs (this / other), each back-to-back pair's ratio and their median, and
+whether the tokens are the same.
 
     git worktree add /tmp/base <commit>          # the code to compare against
-    python benchmarks/bench_decode_ab.py /tmp/base [--runs 3 --rounds 4 ...]
+    python benchmarks/bench_decode_ab.py /tmp/base [--runs 6 --rounds 3 ...]
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def main() -> None:
     add_model_args(parser, block_size=512)
     parser.add_argument("--prompt_tokens", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--runs", type=int, default=3, help="child processes per checkout")
-    parser.add_argument("--rounds", type=int, default=4, help="timed generations per child")
+    parser.add_argument("--runs", type=int, default=6, help="child processes per checkout")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations per child")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attn", nargs="*", default=["mha", "mqa", "gqa", "mla"])
     args = parser.parse_args()

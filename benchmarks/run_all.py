@@ -144,15 +144,18 @@ def _decode_ab_table(ab: dict[str, Any]) -> list[str]:
     lines = [f"**Decoding, this checkout vs `{ab['other']}`** (greedy `generate`, "
              f"{dims['n_layer']} layers × {dims['n_embd']}, vocab {dims['vocab_size']}, "
              f"{dims['new_tokens']} new tokens, batch 1, CPU time, alternating processes):", "",
-             "| attention | other tok/s | this tok/s | this / other | same tokens |",
-             "| :-- | --: | --: | --: | :-- |"]
+             "| attention | other tok/s | this tok/s | best / best | paired runs (median) "
+             "| same tokens |",
+             "| :-- | --: | --: | --: | :-- | :-- |"]
     for name, row in ab["results"].items():
         if "ratio" in row:
+            paired = ", ".join(f"{x:.2f}" for x in row.get("paired_ratios", []))
             lines.append(f"| {name} | {_fmt(row['other_tokens_per_s'])} | "
                          f"{_fmt(row['this_tokens_per_s'])} | {row['ratio']:.2f}× | "
+                         f"{paired} ({_fmt(row.get('median_paired_ratio'), 2)}) | "
                          f"{row['same_tokens']} |")
         else:
-            lines.append(f"| {name} | failed (see the JSON report) | | | |")
+            lines.append(f"| {name} | failed (see the JSON report) | | | | |")
     lines.append("")
     return lines
 
