@@ -53,6 +53,7 @@ class ChatSession:
         self.generator = torch.Generator(device=self.loaded.device).manual_seed(
             self.settings.seed)
         self.stop_ids = {self.tokenizer.eot_id, *self.tokenizer.added_ids.values()}
+        self._decoder = None  # the fast decoding step, made at the first reply
         self.reset()
 
     def reset(self) -> None:
@@ -80,18 +81,23 @@ class ChatSession:
         import torch
 
         from .decode import stream_tokens
+        from .fastpath import FastDecoder, supports
 
+        model = self.loaded.model
+        if self._decoder is None and supports(model):  # its weight copies serve every turn
+            self._decoder = FastDecoder(model, total_tokens=self.loaded.block_size)
         self.history.append(Message("user", text))
         idx = torch.tensor([self.prompt_ids()], dtype=torch.long, device=self.loaded.device)
         s = self.settings
         decoder = IncrementalDecoder(self.tokenizer.decode)
         pieces: list[str] = []
         with self.loaded.precision.autocast():
-            for token in stream_tokens(self.loaded.model, idx, s.max_new_tokens,
+            for token in stream_tokens(model, idx, s.max_new_tokens,
                                        temperature=s.temperature, top_k=s.top_k,
                                        top_p=s.top_p, generator=self.generator,
                                        eot_id=self.tokenizer.token_id(END_OF_TURN),
-                                       vocab_limit=self.tokenizer.vocab_size):
+                                       vocab_limit=self.tokenizer.vocab_size,
+                                       decoder=self._decoder):
                 token_id = int(token[0])
                 if token_id in self.stop_ids:
                     break

@@ -14,10 +14,14 @@ computed while older tokens were still visible).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.errors import LlmctlError
+
+if TYPE_CHECKING:
+    from .fastpath import FastDecoder
 
 # A temperature divides the logits: below this the softmax is greedy in all but name (and
 # 1e-45 turns logits into inf / NaN); above it the distribution is uniform noise.
@@ -87,7 +91,8 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
                   temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, eot_id: int | None = None,
                   generator: torch.Generator | None = None,
-                  vocab_limit: int | None = None, fast: bool = True) -> Iterator[torch.Tensor]:
+                  vocab_limit: int | None = None, fast: bool = True,
+                  decoder: FastDecoder | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids, a (B,) tensor per step, for the (B, T) prompt `idx`.
 
     With eot_id, a row that produced it keeps yielding eot_id and the stream ends once
@@ -95,13 +100,17 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
     sampling reproducible. `vocab_limit` (the tokenizer's size) keeps the padding ids of a
     padded vocabulary (e.g. 50304 > GPT-2's 50257) from ever being sampled. The model runs
     in eval mode; its previous mode is restored. `fast` uses `fastpath.FastDecoder` where
-    the model allows it (same tokens; False: the model's own forward every step).
+    the model allows it (same tokens; False: the model's own forward every step);
+    `decoder`, a `FastDecoder` of this model kept by the caller, saves preparing its weights
+    again on every call (a chat's turns, an evaluation's requests).
     """
     from .fastpath import FastDecoder, supports
 
     check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+    if decoder is not None and decoder.model is not model:
+        raise ValueError("the decoder was made for another model")
     if max_new_tokens <= 0:
         return
     block_size = model.config.block_size
@@ -113,12 +122,14 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
         # is full, without re-concatenating every step
         history = idx.new_empty((B, T0 + max_new_tokens))
         history[:, :T0] = idx
-        decoder = None
         if fast and supports(model):
-            decoder = FastDecoder(model, total_tokens=min(T0, block_size) + max_new_tokens)
-            logits = decoder.prefill(idx[:, -block_size:])  # (B, V)
+            total_tokens = min(T0, block_size) + max_new_tokens
+            if decoder is None:
+                decoder = FastDecoder(model, total_tokens)
+            logits = decoder.prefill(idx[:, -block_size:], total_tokens)  # (B, V)
             cache = decoder.cache
         else:
+            decoder = None
             out = model(idx[:, -block_size:], use_cache=True, last_logits_only=True)
             logits, cache = out.logits[:, -1], out.kv_cache
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -150,16 +161,19 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
                 cache = None
     finally:
         model.train(was_training)
+        if decoder is not None:  # a kept decoder holds no cache between calls
+            decoder.cache = None
 
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eot_id: int | None = None, generator: torch.Generator | None = None,
-             vocab_limit: int | None = None, fast: bool = True) -> torch.Tensor:
+             vocab_limit: int | None = None, fast: bool = True,
+             decoder: FastDecoder | None = None) -> torch.Tensor:
     """The prompt followed by up to max_new_tokens sampled tokens: (B, T + n)."""
     tokens = list(stream_tokens(model, idx, max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, eot_id=eot_id, generator=generator,
-                                vocab_limit=vocab_limit, fast=fast))
+                                vocab_limit=vocab_limit, fast=fast, decoder=decoder))
     if not tokens:
         return idx
     return torch.cat((idx, torch.stack(tokens, dim=1)), dim=1)

@@ -99,6 +99,15 @@ def owns_copies(model: LLM) -> bool:
     return free is None or need <= _LAYOUT_MEMORY_SHARE * free
 
 
+def _weights_key(model: nn.Module) -> tuple | object:
+    """What the prepared weights depend on: each parameter's identity, storage and version
+    (an inference tensor has no version counter: a fresh key, never equal to another)."""
+    params = list(model.parameters())
+    if any(p.is_inference() for p in params):
+        return object()
+    return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+
+
 def transposed_weights(model: LLM, copy: bool | None = None) -> dict[int, torch.Tensor]:
     """{id(weight): weight^T as an (in, out) tensor} for every projection of the step: a
     contiguous copy when `copy` (default: `owns_copies(model)`), else the transposed view."""
@@ -136,12 +145,18 @@ class _Rotary:
 
 
 class FastDecoder:
-    """Prefill once, then `step(token)` -> next logits, for a model with `supports(model)`.
+    """Prefill, then `step(token)` -> next logits, for a model with `supports(model)`.
 
     The cache holds room for `total_tokens` (prompt + tokens to generate, at most
     block_size); `step` may be called while `length < block_size`. The step works on
     (B, C) rows: one position per sequence. Each layer's weights, norms and head counts
-    are looked up once, here, into a `_Layer`; a step only runs arithmetic."""
+    are looked up once, here, into a `_Layer`; a step only runs arithmetic.
+
+    A decoder can be kept for many prompts (a chat's turns, an evaluation's requests):
+    each `prefill` starts a new cache and reuses the weight copies while the model's
+    parameters are the same tensors with the same version counters (an optimizer step,
+    `load_state_dict` or `.to()` makes it prepare them again). Writes through `.data`
+    bypass version counters: make a new decoder after those."""
 
     def __init__(self, model: LLM, total_tokens: int):
         self.model = model
@@ -150,9 +165,15 @@ class FastDecoder:
         self.total_tokens = min(total_tokens, self.block_size)
         self.cache: KVCache | None = None
         self._room = 0  # tokens every layer's buffers hold
-        weight = model.wte.weight
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """The weights in the step's layout, the layers and the rotation tables."""
+        model = self.model
+        self._weights = _weights_key(model)
         # the position tables of the reference path, for every position at once
-        self.positions = Positions(0, self.block_size, weight.device, model.config.rope_theta)
+        self.positions = Positions(0, self.block_size, model.wte.weight.device,
+                                   model.config.rope_theta)
         self._rotary: dict[tuple[int, int], _Rotary] = {}
         self.owned = owns_copies(model)
         wt = transposed_weights(model, copy=self.owned)
@@ -164,8 +185,14 @@ class FastDecoder:
     def length(self) -> int:
         return self.cache.length if self.cache is not None else 0
 
-    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) prompt -> (B, V) logits of its last position (the model's own forward)."""
+    def prefill(self, idx: torch.Tensor, total_tokens: int | None = None) -> torch.Tensor:
+        """(B, T) prompt -> (B, V) logits of its last position (the model's own forward),
+        in a new cache with room for `total_tokens` (default: the constructor's)."""
+        if total_tokens is not None:
+            self.total_tokens = min(total_tokens, self.block_size)
+        if _weights_key(self.model) != self._weights:  # the model changed since: again
+            self._prepare()
+        self.cache = None  # the previous prompt's cache goes before the new one is made
         self.cache = KVCache(len(self.model.blocks), capacity=self.block_size,
                              reserve=self.total_tokens)
         out = self.model(idx, kv_cache=self.cache, last_logits_only=True)
@@ -294,7 +321,8 @@ class _Layer:
         w_q = wt[id(attn.q_up.weight)]  # (ql, H * (hd + r))
         if self.absorbed:  # per head [q_latent W_uq,h W_uk,h | q_latent W_qr,h], scaled
             w = w_q.double().view(ql, H, hd + r)
-            nope = torch.einsum("qhd,hdc->qhc", w[..., :hd], w_uk.double())  # (ql, H, lat)
+            with torch.autocast(w.device.type, enabled=False):  # in fp64 under any autocast
+                nope = torch.einsum("qhd,hdc->qhc", w[..., :hd], w_uk.double())  # (ql, H, lat)
             merged = torch.cat((nope, w[..., hd:]), dim=-1) * attn.scale
             self.w_q = merged.reshape(ql, H * (lat + r)).to(w_q.dtype)
         else:

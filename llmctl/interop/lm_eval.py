@@ -86,7 +86,10 @@ class LlmctlLM(LM):
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
         from ..infer.decode import stream_tokens
+        from ..infer.fastpath import FastDecoder, supports
 
+        # one decoder for every request: its weight copies are made once
+        decoder = FastDecoder(self.model, self.block) if supports(self.model) else None
         out = []
         for r in requests:
             context, kwargs = r.args
@@ -102,7 +105,8 @@ class LlmctlLM(LM):
             text = ""
             with self.loaded.precision.autocast():
                 for token in stream_tokens(self.model, idx, max_new, temperature=temperature,
-                                           eot_id=self.tok.eot_id, vocab_limit=self.vocab):
+                                           eot_id=self.tok.eot_id, vocab_limit=self.vocab,
+                                           decoder=decoder):
                     if int(token[0]) == self.tok.eot_id:
                         break
                     generated.append(int(token[0]))

@@ -1,5 +1,5 @@
 """llmctl chat: piped stdin answers each turn and exits; the history is cropped from the
-oldest turn; checkpoints without chat tokens are refused."""
+oldest turn; the turns share one fast decoder; checkpoints without chat tokens are refused."""
 
 from __future__ import annotations
 
@@ -63,6 +63,20 @@ def test_the_history_is_cropped_from_the_oldest_turn(chat_ckpt):
     text = loaded.tokenizer.decode(ids)
     assert text.endswith("<|user|>last<|endofturn|><|assistant|>")
     assert text.startswith("<|")  # whole turns were dropped, not a cut in the middle
+
+
+def test_replies_share_one_decoder_and_match_a_fresh_session(chat_ckpt):
+    loaded = load_checkpoint(chat_ckpt, device="cpu")
+    session = ChatSession(loaded, SampleSettings(max_new_tokens=8, temperature=0, seed=0))
+    session.reply("Good morrow!")
+    decoder = session._decoder
+    head = decoder._head  # the weight copies of the first turn
+    second = session.reply("And of up?")
+    assert session._decoder is decoder and decoder._head is head
+    assert decoder.cache is None  # no KV cache held between turns
+    fresh = ChatSession(loaded, SampleSettings(max_new_tokens=8, temperature=0, seed=0))
+    fresh.history = session.history[:2]
+    assert fresh.reply("And of up?") == second
 
 
 def test_a_checkpoint_without_chat_tokens_is_refused(finetune_base):

@@ -122,6 +122,32 @@ def test_float64_steps_equal_the_reference(attn) -> None:
     _assert_steps_equal_the_forward(model, torch.randint(0, 53, (2, 4)), 5, 9, atol=1e-12)
 
 
+def test_a_kept_decoder_reuses_its_weights_until_the_model_changes() -> None:
+    from llmctl.infer.decode import stream_tokens
+
+    model = _model(attn="gqa", pos_emb="rope")
+    decoder = FastDecoder(model, total_tokens=0)
+    head = decoder._head
+    for prompt in (torch.randint(0, 53, (1, 4)), torch.randint(0, 53, (2, 6))):
+        assert torch.equal(generate(model, prompt, 10, temperature=0, decoder=decoder),
+                           generate(model, prompt, 10, temperature=0, fast=False))
+        assert decoder.cache is None  # released when the stream ends
+    assert decoder._head is head  # not prepared again
+    qkv = model.blocks[0].attn.qkv.weight
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        qkv.add_(0.1 * torch.randn_like(qkv))
+        prompt = torch.randint(0, 53, (2, 5))
+        logits = decoder.prefill(prompt, total_tokens=11)
+        out = model(prompt)
+        for _ in range(6):
+            token = logits.argmax(-1)
+            logits, out = decoder.step(token), model(token[:, None], kv_cache=out.kv_cache)
+            assert torch.allclose(logits, out.logits[:, -1], atol=1e-5, rtol=0)
+    assert decoder._head is not head  # prepared again for the changed weights
+    with pytest.raises(ValueError, match="another model"):
+        list(stream_tokens(_model(attn="mla"), prompt, 2, decoder=decoder))
+
+
 def test_unknown_modules_use_the_reference_path() -> None:
     model = _model()
     model.blocks[0].attn_norm = torch.nn.Identity()
