@@ -298,7 +298,7 @@ class _Layer:
             if decoder.owned:  # this layer's own copy
                 self.w_qkv[:, :H * hd] *= scale
         else:  # QK-norm: on the query norm's gains
-            self.qk_norms = (_norm_fn(attn.q_head_norm, 1.0 if self.scale else scale),
+            self.qk_norms = (_norm_fn(attn.q_head_norm, scale if decoder.owned else 1.0),
                              _norm_fn(attn.k_head_norm))
         self.rope_dim = hd if attn.rope else 0
         if self.rope_dim:

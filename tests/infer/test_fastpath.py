@@ -80,11 +80,13 @@ def test_cache_never_grows_during_decoding() -> None:
 
 
 def _assert_steps_equal_the_forward(model: LLM, prompt: torch.Tensor, steps: int,
-                                    total_tokens: int, atol: float = 1e-5) -> FastDecoder:
-    """Each fast step's logits against the model's own cached forward, token by token."""
+                                    total_tokens: int, atol: float = 1e-5,
+                                    decoder: FastDecoder | None = None) -> FastDecoder:
+    """Each fast step's logits against the model's own cached forward, token by token
+    (`decoder`: a kept one, else a new one)."""
     with torch.no_grad():
-        decoder = FastDecoder(model, total_tokens=total_tokens)
-        logits, out = decoder.prefill(prompt), model(prompt)
+        decoder = decoder or FastDecoder(model, total_tokens=total_tokens)
+        logits, out = decoder.prefill(prompt, total_tokens), model(prompt)
         for _ in range(steps):
             token = logits.argmax(-1)
             logits = decoder.step(token)
@@ -136,13 +138,8 @@ def test_a_kept_decoder_reuses_its_weights_until_the_model_changes() -> None:
     qkv = model.blocks[0].attn.qkv.weight
     with torch.no_grad():  # an in-place update, as an optimizer step makes
         qkv.add_(0.1 * torch.randn_like(qkv))
-        prompt = torch.randint(0, 53, (2, 5))
-        logits = decoder.prefill(prompt, total_tokens=11)
-        out = model(prompt)
-        for _ in range(6):
-            token = logits.argmax(-1)
-            logits, out = decoder.step(token), model(token[:, None], kv_cache=out.kv_cache)
-            assert torch.allclose(logits, out.logits[:, -1], atol=1e-5, rtol=0)
+    prompt = torch.randint(0, 53, (2, 5))
+    _assert_steps_equal_the_forward(model, prompt, 6, 11, decoder=decoder)
     assert decoder._head is not head  # prepared again for the changed weights
     with pytest.raises(ValueError, match="another model"):
         list(stream_tokens(_model(attn="mla"), prompt, 2, decoder=decoder))
