@@ -1,6 +1,8 @@
 """Decode speed on CPU: tokens/s of the fast decoding step (infer/fastpath.py), of the
 reference cached path (the model's own forward every step) and of recomputing the whole
-context every step, for each attention kind (greedy, batch 1). Prints JSON.
+context every step, for each attention kind (greedy, batch 1); and of the fast step sampling
+(temperature 1, seeded: every logit through the fp32 head, where greedy steps screen it in
+int8, infer/greedy_head.py). Prints JSON.
 
     python benchmarks/bench_decode.py [--new_tokens 256 --n_layer 4 --n_embd 256 ...]
 """
@@ -52,11 +54,16 @@ def main() -> None:
     def cached(model: LLM) -> torch.Tensor:
         return generate(model, prompt, args.new_tokens, temperature=0, fast=False)
 
+    def sampled(model: LLM) -> torch.Tensor:
+        return generate(model, prompt, args.new_tokens, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+
     results = {}
     for attn in args.attn:
         run = load_config(overrides=decode_overrides(args, attn), check_batch_split=False)
         model = LLM(run.model).eval()
-        runs = {"fast": fast, "cache": cached, "recompute": recompute}
+        runs = {"fast": fast, "fast_sampled": sampled, "cache": cached,
+                "recompute": recompute}
         if args.no_recompute:
             del runs["recompute"]
         best = dict.fromkeys(runs, float("inf"))
@@ -74,7 +81,8 @@ def main() -> None:
         if "recompute" in runs:
             results[attn]["speedup"] = round(best["recompute"] / best["cache"], 2)
         results[attn]["same_tokens"] = all(torch.equal(outputs["fast"], out)
-                                           for out in outputs.values())
+                                           for name, out in outputs.items()
+                                           if name != "fast_sampled")
     emit({
         "benchmark": "greedy decoding, batch 1, CPU fp32: fast step, reference cache, "
                      "full recompute",

@@ -2,7 +2,7 @@
 on CPU, per attention kind, each checkout's default `generate` in its own child process,
 the two alternating run by run so that load changes hit both alike. Prints JSON with the
 ratio of the best runs (this / other), each back-to-back pair's ratio and their median, and
-whether the tokens are the same.
+whether the tokens are the same (`--temperature T`: seeded sampling instead of greedy).
 
     git worktree add /tmp/base <commit>          # the code to compare against
     python benchmarks/bench_decode_ab.py /tmp/base [--runs 6 --rounds 3 ...]
@@ -35,11 +35,14 @@ run = load_config(overrides=spec["overrides"], check_batch_split=False)
 torch.manual_seed(0)
 prompt = torch.randint(0, spec["overrides"]["vocab_size"], (1, spec["prompt_tokens"]))
 model = LLM(run.model).eval()
-out = generate(model, prompt, spec["new_tokens"], temperature=0)  # warm-up
+def run():  # seeded: sampled tokens can be compared too
+    return generate(model, prompt, spec["new_tokens"], temperature=spec["temperature"],
+                    generator=torch.Generator().manual_seed(0))
+out = run()  # warm-up
 best = float("inf")
 for _ in range(spec["rounds"]):
     start = time.process_time()
-    out = generate(model, prompt, spec["new_tokens"], temperature=0)
+    out = run()
     best = min(best, time.process_time() - start)
 import llmctl
 print(json.dumps({"seconds": best, "tokens": out[0].tolist(), "package": llmctl.__file__}))
@@ -65,6 +68,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=6, help="child processes per checkout")
     parser.add_argument("--rounds", type=int, default=3, help="timed generations per child")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (the default); > 0: seeded sampling")
     parser.add_argument("--attn", nargs="*", default=["mha", "mqa", "gqa", "mla"])
     args = parser.parse_args()
     if not (args.other / "llmctl" / "__init__.py").is_file():
@@ -78,7 +83,7 @@ def main() -> None:
     for attn in args.attn:
         spec = {"overrides": decode_overrides(args, attn), "threads": args.threads,
                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                "rounds": args.rounds}
+                "rounds": args.rounds, "temperature": args.temperature}
         seconds: dict[str, list[float]] = {name: [] for name in checkouts}
         tokens, errors = {}, {}
         for run in range(args.runs):
@@ -109,7 +114,9 @@ def main() -> None:
     ratios = [r["ratio"] for r in results.values() if "ratio" in r]
     medians = [r["median_paired_ratio"] for r in results.values() if "ratio" in r]
     emit({
-        "benchmark": "greedy decoding, batch 1, CPU fp32: this checkout vs another",
+        "benchmark": ("greedy" if args.temperature == 0 else "sampled") +
+                     " decoding, batch 1, CPU fp32: this checkout vs another",
+        "temperature": args.temperature,
         "env": env, "other": str(checkouts["other"]),
         "dims": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "block_size": args.block_size, "vocab_size": args.vocab_size,

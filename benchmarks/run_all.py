@@ -124,15 +124,17 @@ def _decode_table(decode: dict[str, Any]) -> list[str]:
     lines = [f"**Decoding** ({dims['n_layer']} layers × {dims['n_embd']}, vocab "
              f"{dims['vocab_size']}, {dims['new_tokens']} new tokens, batch 1, CPU time):", "",
              "| attention | fast step tok/s | reference cache tok/s | fast / reference "
-              "(goal ≥ 2×) | recompute tok/s | cache / recompute (goal ≥ 3×) | same tokens |",
-              "| :-- | --: | --: | --: | --: | --: | :-- |"]
+              "(goal ≥ 2×) | recompute tok/s | cache / recompute (goal ≥ 3×) | same tokens "
+              "| fast, sampling tok/s |",
+              "| :-- | --: | --: | --: | --: | --: | :-- | --: |"]
     for name, row in decode["results"].items():
         recompute = row.get("recompute_tokens_per_s")
         speedup = row.get("speedup")
         lines.append(f"| {name} | {_fmt(row['fast_tokens_per_s'])} | "
                      f"{_fmt(row['cache_tokens_per_s'])} | {row['fast_vs_cache']:.2f}× | "
                      f"{_fmt(recompute) if recompute else '–'} | "
-                     f"{f'{speedup:.1f}×' if speedup else '–'} | {row['same_tokens']} |")
+                     f"{f'{speedup:.1f}×' if speedup else '–'} | {row['same_tokens']} | "
+                     f"{_fmt(row.get('fast_sampled_tokens_per_s'))} |")
     lines.append("")
     return lines
 

@@ -133,11 +133,15 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
             out = model(idx[:, -block_size:], use_cache=True, last_logits_only=True)
             logits, cache = out.logits[:, -1], out.kv_cache
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        chosen = None  # the next tokens where a greedy step picked them (no logits)
         for step in range(max_new_tokens):
-            if vocab_limit is not None and vocab_limit < logits.size(-1):
-                logits = logits.clone()
-                logits[:, vocab_limit:] = float("-inf")
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            if chosen is not None:
+                token, chosen = chosen, None
+            else:
+                if vocab_limit is not None and vocab_limit < logits.size(-1):
+                    logits = logits.clone()
+                    logits[:, vocab_limit:] = float("-inf")
+                token = sample_next(logits, temperature, top_k, top_p, generator)
             if eot_id is not None:
                 token = token.masked_fill(done, eot_id)
                 done |= token == eot_id
@@ -146,7 +150,9 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
                 return
             history[:, T0 + step] = token
             if cache is not None and cache.length < block_size:
-                if decoder is not None:
+                if decoder is not None and temperature == 0:
+                    chosen = decoder.greedy_step(token, vocab_limit)
+                elif decoder is not None:
                     logits = decoder.step(token)
                 else:
                     out = model(token[:, None], kv_cache=cache, last_logits_only=True)

@@ -22,7 +22,11 @@ with fewer, cheaper operations:
   query's up-projection itself where the step owns its weights and the merged matrix is not
   much larger than the two it replaces;
 - the cache is allocated once for every token the caller will generate, and each layer
-  writes its new row in place.
+  writes its new row in place;
+- a greedy step (`greedy_step`) picks its token through an int8 screen of the head that
+  reads only the fp32 columns that could win (`greedy_head.ScreenedArgmax`): the head is the
+  largest matrix of a small model, and a quarter of its bytes keeps the step's weights in
+  the CPU's cache.
 
 Greedy output equals the reference path token for token and the logits agree to float
 rounding (tests/infer/test_fastpath.py). It handles the stock blocks (mha / mqa / gqa / mla
@@ -48,6 +52,7 @@ from ..model.moe import MoE
 from ..model.positional import Positions, sinusoidal
 from ..model.transformer import LLM, Block, soft_cap
 from ..runtime.device import available_memory
+from .greedy_head import ScreenedArgmax
 
 _POS_EMBS = ("learn", "sin", "rope")
 _ATTENTION = (CausalSelfAttention, MultiHeadLatentAttention)
@@ -59,6 +64,7 @@ _LAYOUT_MEMORY_SHARE = 0.25
 # many numbers more than the two it replaces (about what the operations it saves cost, in
 # time, to stream from memory)
 _ABSORB_SLACK = 1 << 16
+_UNBUILT = object()  # a decoder's head screen before its first greedy step
 
 
 def supports(model: nn.Module) -> bool:
@@ -180,6 +186,7 @@ class FastDecoder:
         self._layers = [_Layer(self, block, wt) for block in model.blocks]
         self._final_norm = _norm_fn(model.norm_f)
         self._head = wt[id(model.lm_head.weight)]
+        self._screen: ScreenedArgmax | None | object = _UNBUILT
 
     @property
     def length(self) -> int:
@@ -213,6 +220,29 @@ class FastDecoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """(B,) token ids -> (B, V) logits of the next position."""
+        return self._logits(self._final_rows(token))
+
+    def greedy_step(self, token: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+        """(B,) token ids -> (B,) argmax of the next position's logits (ids below
+        `vocab_limit`): `step(token)`'s argmax, from the int8 screen of the head where
+        there is one (`greedy_head.ScreenedArgmax`)."""
+        rows = self._final_rows(token)
+        if self._screen is _UNBUILT:  # on first use: sampled decoding never needs it
+            self._screen = (ScreenedArgmax.build(self.model.lm_head.weight, self._head,
+                                                 self.config.logit_softcap)
+                            if self.owned else None)
+        if self._screen is not None:
+            return self._screen(rows, vocab_limit)
+        return self._logits(rows)[:, :vocab_limit].argmax(dim=-1)
+
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = torch.mm(rows, self._head)  # (B, V)
+        if self.config.logit_softcap:
+            logits = soft_cap(logits, self.config.logit_softcap)
+        return logits
+
+    def _final_rows(self, token: torch.Tensor) -> torch.Tensor:
+        """(B,) token ids -> (B, C) rows of the final norm, the head's input."""
         model, cfg = self.model, self.config
         at = self.cache.length
         if at >= self.block_size:
@@ -232,10 +262,7 @@ class FastDecoder:
         for layer, layer_cache in zip(self._layers, self.cache.layers, strict=True):
             x = layer.attend(layer.attn_norm(x), x, layer_cache, at, rotations)
             x = layer.feed_forward(layer.ffn_norm(x), x)
-        logits = torch.mm(self._final_norm(x), self._head)  # (B, V)
-        if cfg.logit_softcap:
-            logits = soft_cap(logits, cfg.logit_softcap)
-        return logits
+        return self._final_norm(x)
 
 
 def _norm_fn(module: nn.Module, gain: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:

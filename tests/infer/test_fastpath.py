@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmctl.config import load_config
+from llmctl.infer import greedy_head
 from llmctl.infer.decode import generate
 from llmctl.infer.fastpath import FastDecoder, supports, transposed_weights
 from llmctl.model import LLM
@@ -36,9 +37,16 @@ CASES += [dict(attn="gqa", pos_emb="rope", qk_norm=True, norm="rms", logit_softc
           dict(pos_emb="rope", layer_configs=MIXED, n_layer=None)]
 
 
+@pytest.fixture(params=["screened", "full_head"])
+def head(request, monkeypatch) -> str:
+    """Greedy steps with the int8 screen of the head (also for these tiny heads) or without."""
+    monkeypatch.setattr(greedy_head, "MIN_NUMBERS", 0 if request.param == "screened" else 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("flags", CASES, ids=lambda f: "-".join(str(v) for v in f.values()
                                                                   if not isinstance(v, list)))
-def test_step_logits_and_greedy_tokens_equal_the_reference(flags) -> None:
+def test_step_logits_and_greedy_tokens_equal_the_reference(flags, head) -> None:
     model = _model(**flags)
     assert supports(model)
     prompt = torch.randint(0, 53, (2, 5))
@@ -56,6 +64,29 @@ def test_step_logits_and_greedy_tokens_equal_the_reference(flags) -> None:
             out = model(token[:, None], kv_cache=out.kv_cache)
             assert torch.allclose(logits, out.logits[:, -1], atol=1e-5, rtol=0)
         assert decoder.cache.layers[0].allocated == 24  # reserved once, capped at block_size
+
+
+@pytest.mark.parametrize("attn", ["mha", "mqa", "gqa", "mla"])
+def test_greedy_steps_pick_the_argmax_of_the_step_logits(attn, head) -> None:
+    model = _model(attn=attn, pos_emb="rope", n_embd=64, logit_softcap=2.0)
+    prompt = torch.randint(0, 53, (3, 4))
+    with torch.no_grad():
+        greedy, full = FastDecoder(model, 20), FastDecoder(model, 20)
+        greedy.prefill(prompt)
+        token = full.prefill(prompt).argmax(dim=-1)
+        for _ in range(15):
+            logits = full.step(token)
+            for limit in (None, 40):  # the padding ids past a tokenizer's size never win
+                assert torch.equal(greedy.greedy_step(token, limit),
+                                   logits[:, :limit].argmax(dim=-1))
+                greedy.cache.truncate(greedy.length - 1)
+            greedy.greedy_step(token)
+            token = logits.argmax(dim=-1)
+        assert (greedy._screen is not None) == (head == "screened")
+    limited = generate(model, prompt, 12, temperature=0, vocab_limit=40)
+    assert torch.equal(limited, generate(model, prompt, 12, temperature=0, vocab_limit=40,
+                                         fast=False))
+    assert (limited[:, 4:] < 40).all()
 
 
 def test_seeded_sampling_equals_the_reference() -> None:
