@@ -66,7 +66,7 @@ class ScreenedArgmax:
 
     def __init__(self, weight: torch.Tensor, head_t: torch.Tensor, softcap: float | None):
         V, C = weight.shape
-        self.head_t, self.softcap, self.vocab = head_t, softcap, V
+        self.head_t, self.softcap = head_t, softcap
         self.max_survivors = max(16, int(V * _MAX_SURVIVOR_SHARE))
         q = torch.empty(V, C, dtype=torch.int8, device=weight.device)
         scales = torch.empty(V, dtype=torch.bfloat16, device=weight.device)
