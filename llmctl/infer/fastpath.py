@@ -50,9 +50,9 @@ from ..model.mla import MultiHeadLatentAttention
 from ..model.mlp import MLP, activate
 from ..model.moe import MoE
 from ..model.positional import Positions, sinusoidal
-from ..model.transformer import LLM, Block, soft_cap
+from ..model.transformer import LLM, Block
 from ..runtime.device import available_memory
-from .greedy_head import ScreenedArgmax
+from .greedy_head import ScreenedArgmax, full_argmax, head_logits
 
 _POS_EMBS = ("learn", "sin", "rope")
 _ATTENTION = (CausalSelfAttention, MultiHeadLatentAttention)
@@ -220,7 +220,7 @@ class FastDecoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """(B,) token ids -> (B, V) logits of the next position."""
-        return self._logits(self._final_rows(token))
+        return head_logits(self._final_rows(token), self._head, self.config.logit_softcap)
 
     def greedy_step(self, token: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
         """(B,) token ids -> (B,) argmax of the next position's logits (ids below
@@ -233,13 +233,7 @@ class FastDecoder:
                             if self.owned else None)
         if self._screen is not None:
             return self._screen(rows, vocab_limit)
-        return self._logits(rows)[:, :vocab_limit].argmax(dim=-1)
-
-    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
-        logits = torch.mm(rows, self._head)  # (B, V)
-        if self.config.logit_softcap:
-            logits = soft_cap(logits, self.config.logit_softcap)
-        return logits
+        return full_argmax(rows, self._head, self.config.logit_softcap, vocab_limit)
 
     def _final_rows(self, token: torch.Tensor) -> torch.Tensor:
         """(B,) token ids -> (B, C) rows of the final norm, the head's input."""

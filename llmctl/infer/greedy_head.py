@@ -53,6 +53,18 @@ def _kernel_available(width: int, device: torch.device) -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
 
 
+def head_logits(rows: torch.Tensor, head_t: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """(B, C) rows -> (B, V) logits through the (C, V) head, soft-capped when `softcap`."""
+    logits = torch.mm(rows, head_t)
+    return soft_cap(logits, softcap) if softcap else logits
+
+
+def full_argmax(rows: torch.Tensor, head_t: torch.Tensor, softcap: float | None,
+                vocab_limit: int | None = None) -> torch.Tensor:
+    """The argmax from every logit below `vocab_limit` (what the screen stands in for)."""
+    return head_logits(rows, head_t, softcap)[:, :vocab_limit].argmax(dim=-1)
+
+
 def _bf16_floor(x: float) -> float:
     """A number at most x that stays at most x when rounded to bf16 (one bf16 step lower
     than x is more than the half step of rounding; 2^-126 covers the subnormals)."""
@@ -106,11 +118,12 @@ class ScreenedArgmax:
         return screen if math.isfinite(screen.per_l2) else None  # inf / NaN weights
 
     def full(self, rows: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
-        """The argmax from every logit (what the screen stands in for)."""
-        logits = torch.mm(rows, self.head_t)
-        if self.softcap:
-            logits = soft_cap(logits, self.softcap)
-        return logits[:, :vocab_limit].argmax(dim=-1)
+        return full_argmax(rows, self.head_t, self.softcap, vocab_limit)
+
+    def _slack(self, norm: float | torch.Tensor, best: float | torch.Tensor):
+        """Half the window below the best screened logit `best` (a float or a (B,) tensor)
+        that can hold the argmax, for rows of L2 norm `norm` (see `__call__`)."""
+        return (norm * self.per_l2 + abs(best) * self.per_logit) / (1 - 2 * self.per_logit)
 
     def __call__(self, rows: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
         rows_bf16 = rows.to(torch.bfloat16, memory_format=torch.contiguous_format)
@@ -123,7 +136,7 @@ class ScreenedArgmax:
         # per_logit), fails that (|y_j| <= |y_k| + 2 s where it matters): only y_k is needed.
         if rows.shape[0] == 1:  # one row: the threshold in Python numbers
             best, norm = screened.max().item(), l2.item()
-            slack = (norm * self.per_l2 + abs(best) * self.per_logit) / (1 - 2 * self.per_logit)
+            slack = self._slack(norm, best)
             if not math.isfinite(slack) or not math.isfinite(best):
                 return self.full(rows, vocab_limit)
             threshold = best - 2 * slack
@@ -131,7 +144,7 @@ class ScreenedArgmax:
             survivors = (screened[0] >= _bf16_floor(threshold)).nonzero()[:, 0]
         else:
             best = screened.amax(dim=-1).to(l2.dtype)
-            slack = (l2 * self.per_l2 + best.abs() * self.per_logit) / (1 - 2 * self.per_logit)
+            slack = self._slack(l2, best)
             if not bool(slack.isfinite().all()):
                 return self.full(rows, vocab_limit)
             threshold = best - 2 * slack  # (B,)
