@@ -2,7 +2,8 @@
 on CPU, per attention kind, each checkout's default `generate` in its own child process,
 the two alternating run by run so that load changes hit both alike. Prints JSON with the
 ratio of the best runs (this / other), each back-to-back pair's ratio and their median, and
-whether the tokens are the same (`--temperature T`: seeded sampling instead of greedy).
+whether the tokens are the same (`--temperature T [--top_k K]`: seeded sampling instead of
+greedy).
 
     git worktree add /tmp/base <commit>          # the code to compare against
     python benchmarks/bench_decode_ab.py /tmp/base [--runs 6 --rounds 3 ...]
@@ -37,7 +38,7 @@ prompt = torch.randint(0, spec["overrides"]["vocab_size"], (1, spec["prompt_toke
 model = LLM(run.model).eval()
 def run():  # seeded: sampled tokens can be compared too
     return generate(model, prompt, spec["new_tokens"], temperature=spec["temperature"],
-                    generator=torch.Generator().manual_seed(0))
+                    top_k=spec["top_k"], generator=torch.Generator().manual_seed(0))
 out = run()  # warm-up
 best = float("inf")
 for _ in range(spec["rounds"]):
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy (the default); > 0: seeded sampling")
+    parser.add_argument("--top_k", type=int, default=None, help="sampling: keep the k likeliest")
     parser.add_argument("--attn", nargs="*", default=["mha", "mqa", "gqa", "mla"])
     args = parser.parse_args()
     if not (args.other / "llmctl" / "__init__.py").is_file():
@@ -83,7 +85,7 @@ def main() -> None:
     for attn in args.attn:
         spec = {"overrides": decode_overrides(args, attn), "threads": args.threads,
                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                "rounds": args.rounds, "temperature": args.temperature}
+                "rounds": args.rounds, "temperature": args.temperature, "top_k": args.top_k}
         seconds: dict[str, list[float]] = {name: [] for name in checkouts}
         tokens, errors = {}, {}
         for run in range(args.runs):
@@ -116,7 +118,7 @@ def main() -> None:
     emit({
         "benchmark": ("greedy" if args.temperature == 0 else "sampled") +
                      " decoding, batch 1, CPU fp32: this checkout vs another",
-        "temperature": args.temperature,
+        "temperature": args.temperature, "top_k": args.top_k,
         "env": env, "other": str(checkouts["other"]),
         "dims": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "block_size": args.block_size, "vocab_size": args.vocab_size,

@@ -1,4 +1,4 @@
-"""Autoregressive sampling with the KV cache: greedy, temperature, top-k, top-p, EOT stop.
+"""Autoregressive decoding with the KV cache: greedy or sampled (`sampling`), EOT stop.
 
 Up to block_size tokens, each step feeds one token through the cache. Once the context is
 longer than block_size, each step runs the last block_size tokens afresh (positions
@@ -18,72 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.errors import LlmctlError
+from .sampling import check_sampling, mask_padding, sample_next
 
 if TYPE_CHECKING:
     from .fastpath import FastDecoder
-
-# A temperature divides the logits: below this the softmax is greedy in all but name (and
-# 1e-45 turns logits into inf / NaN); above it the distribution is uniform noise.
-MIN_TEMPERATURE = 1e-3
-MAX_TEMPERATURE = 100.0
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Reject sampling settings that make no sense (a clear error, not a NaN later)."""
-    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        # also catches NaN and inf
-        raise LlmctlError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
-                          f"{MAX_TEMPERATURE:g}], got {temperature}")
-    if isinstance(top_k, bool) or (top_k is not None and not isinstance(top_k, int)):
-        raise LlmctlError(f"top_k must be a whole number >= 0 (0 = off), got {top_k!r}")
-    if top_k is not None and top_k < 0:
-        raise LlmctlError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LlmctlError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
-    """Keep the k largest logits per row, set the rest to -inf (k None/0 or >= V: no-op)."""
-    if not k or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
-    at least p (always at least one), set the rest to -inf (p None or >= 1: no-op)."""
-    if p is None or p >= 1:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
-    drop_sorted = mass_before >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B, V) sampling distribution after temperature, top-k and top-p.
-
-    temperature 0 gives a one-hot on the argmax (greedy)."""
-    logits = logits.float()
-    if temperature == 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    return logits.softmax(dim=-1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next token ids."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = next_token_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -138,10 +76,8 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
             if chosen is not None:
                 token, chosen = chosen, None
             else:
-                if vocab_limit is not None and vocab_limit < logits.size(-1):
-                    logits = logits.clone()
-                    logits[:, vocab_limit:] = float("-inf")
-                token = sample_next(logits, temperature, top_k, top_p, generator)
+                token = sample_next(mask_padding(logits, vocab_limit), temperature, top_k,
+                                    top_p, generator)
             if eot_id is not None:
                 token = token.masked_fill(done, eot_id)
                 done |= token == eot_id

@@ -7,7 +7,10 @@ Greedy decoding needs only the argmax. `ScreenedArgmax` screens the vocabulary w
 copy of the head (a quarter of the bytes) whose error has a proven bound: a token whose
 screened logit lies more than twice the bound below the best one cannot be the argmax. Only
 the columns of the fp32 head that survive are read and multiplied, and the argmax of their
-exact logits is the argmax of all of them.
+exact logits is the argmax of all of them. Two fp32 products of the same numbers need not
+agree to the last bit (MKL's AVX-512 kernels sum a column in an order that depends on its
+place in the product), so where another survivor's exact logit lies within that rounding of
+the best one, the full head decides: exact ties still go to the first id.
 
 The bound, for one row h and token j (u = 2^-8, bf16's unit roundoff; g = C 2^-24 / (1 - C
 2^-24), fp32 summation over C numbers). The screen computes y_j = bf16(sum_i h'_i W'_ji),
@@ -103,6 +106,11 @@ class ScreenedArgmax:
         # slack per unit of |h|_2 (the fp32 norms round by parts in 2^22: in the margin)
         self.per_l2 = (error_norm + weight_norm * (_UNIT + g * (2 + _UNIT))) * _MARGIN
         self.per_logit = _UNIT / (1 - _UNIT) * _MARGIN  # slack per unit of |y|
+        # two fp32 products of one row and column (the survivors' and the full head's, whose
+        # kernels may sum in different orders) differ by at most 2 g |h|_2 |W_j|_2: exact
+        # logits closer than twice that to the best could rank apart in the full head
+        self.tie_per_l2 = 4 * g * weight_norm * _MARGIN
+        self.tie_cap = 2.0 ** -20 * softcap if softcap else 0.0  # tanh's rounding, both ways
 
     @classmethod
     def build(cls, weight: torch.Tensor, head_t: torch.Tensor,
@@ -162,4 +170,8 @@ class ScreenedArgmax:
             ceiling = soft_cap(torch.as_tensor(bound, dtype=exact.dtype), self.softcap)
             if bool((ceiling >= exact.amax(dim=-1)).any()):
                 return self.full(rows, vocab_limit)
-        return survivors[exact.argmax(dim=-1)]  # survivors ascend: ties go to the first id
+        best = exact.amax(dim=-1, keepdim=True)  # (B, 1)
+        window = l2[:, None] * self.tie_per_l2 + self.tie_cap
+        if bool(((exact >= best - window).sum(dim=-1) > 1).any()):
+            return self.full(rows, vocab_limit)  # a (near) tie: the full head's order decides
+        return survivors[exact.argmax(dim=-1)]

@@ -34,7 +34,7 @@ class SampleSettings:
     speculative: bool = False  # draft with the MTP modules, verify with the main model
 
     def check(self) -> None:
-        from .decode import check_sampling
+        from .sampling import check_sampling
 
         if not 0 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise LlmctlError(f"max_new_tokens must be in [0, {MAX_NEW_TOKENS:,}] (the token "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import LlmctlError
-from .decode import check_sampling, next_token_probs
+from .sampling import check_sampling, draw, mask_padding, next_token_probs
 
 
 @dataclass
@@ -51,13 +51,6 @@ class SpeculativeStats:
                 "acceptance_rate": round(self.acceptance_rate, 4),
                 "main_forwards": self.main_forwards + 1,
                 "tokens_per_forward": round(self.tokens_per_forward, 3)}
-
-
-def _mask_padding(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
-    if vocab_limit is not None and vocab_limit < logits.size(-1):
-        logits = logits.clone()
-        logits[..., vocab_limit:] = float("-inf")
-    return logits
 
 
 class _Drafter:
@@ -127,16 +120,16 @@ def stream_speculative(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens
     greedy = temperature == 0
 
     def distribution(logits: torch.Tensor) -> torch.Tensor:  # (n, V) -> (n, V)
-        return next_token_probs(_mask_padding(logits, vocab_limit), temperature, top_k, top_p)
+        return next_token_probs(mask_padding(logits, vocab_limit), temperature, top_k, top_p)
 
-    def draw(p: torch.Tensor) -> int:  # (V,) -> a token id
+    def pick(p: torch.Tensor) -> int:  # (V,) -> a token id
         if greedy:
             return int(p.argmax())
-        return int(torch.multinomial(p, 1, generator=generator))
+        return int(draw(p[None], generator)[0])
 
     def sample(logits: torch.Tensor) -> tuple[int, torch.Tensor]:
         p = distribution(logits)[0]
-        return draw(p), p
+        return pick(p), p
 
     was_training = model.training
     model.eval()
@@ -145,7 +138,7 @@ def stream_speculative(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens
         out = model(context, use_cache=True, return_hidden=True)
         cache, seq = out.kv_cache, context[0].tolist()
         drafter = _Drafter(model, out.hidden)
-        token = draw(distribution(out.logits[:, -1])[0])
+        token = pick(distribution(out.logits[:, -1])[0])
         produced = 0
         while True:
             produced += 1
@@ -155,7 +148,7 @@ def stream_speculative(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens
                 return
             seq.append(token)
             if cache is None or cache.length >= block_size:  # window full: plain decoding
-                token = draw(distribution(_plain_step(model, cache, seq, block_size))[0])
+                token = pick(distribution(_plain_step(model, cache, seq, block_size))[0])
                 cache = cache if model.config.pos_emb == "alibi" else None
                 stats.main_forwards += 1
                 continue
@@ -167,7 +160,7 @@ def stream_speculative(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens
             out = model(verify, kv_cache=cache, return_hidden=True)
             stats.main_forwards += 1
             target = distribution(out.logits[0])  # (1 + n, V)
-            accepted, token = _accept(drafts, draft_probs, target, greedy, generator, draw)
+            accepted, token = _accept(drafts, draft_probs, target, greedy, generator, pick)
             stats.drafted += len(drafts)
             stats.accepted += accepted
             cache.truncate(cache.length - len(drafts) + accepted)
@@ -184,7 +177,7 @@ def stream_speculative(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens
 
 
 def _accept(drafts: list[int], draft_probs: list[torch.Tensor], target: torch.Tensor,
-            greedy: bool, generator: torch.Generator | None, draw) -> tuple[int, int]:
+            greedy: bool, generator: torch.Generator | None, pick) -> tuple[int, int]:
     """(number of drafts accepted, the main model's next token after them)."""
     for j, (d, q) in enumerate(zip(drafts, draft_probs, strict=True)):
         p = target[j]
@@ -197,8 +190,8 @@ def _accept(drafts: list[int], draft_probs: list[torch.Tensor], target: torch.Te
             continue
         residual = (p - q).clamp_min(0)
         total = residual.sum()
-        return j, draw(residual / total if total > 0 else p)
-    return len(drafts), draw(target[len(drafts)])
+        return j, pick(residual / total if total > 0 else p)
+    return len(drafts), pick(target[len(drafts)])
 
 
 def _plain_step(model: torch.nn.Module, cache, seq: list[int], block_size: int) -> torch.Tensor:

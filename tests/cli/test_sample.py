@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from llmctl.cli import app
 from llmctl.config import load_config
 from llmctl.data.tokenizers import ByteTokenizer, CharTokenizer, create_tokenizer
-from llmctl.infer.decode import next_token_probs
 from llmctl.infer.load import load_checkpoint
 from llmctl.infer.sample import IncrementalDecoder, SampleSettings, encode_prompt, generate_samples
+from llmctl.infer.sampling import next_token_probs
 from llmctl.model import LLM
 from llmctl.runtime.checkpoint import save_checkpoint
 

@@ -337,7 +337,7 @@ def test_good_training_state_passes(trained):
 @pytest.mark.parametrize("temperature", [float("nan"), -1.0, 1e-4, 101.0, float("-inf")])
 def test_every_bad_temperature_is_refused(temperature):
     from llmctl.core.errors import LlmctlError
-    from llmctl.infer.decode import check_sampling
+    from llmctl.infer.sampling import check_sampling
 
     with pytest.raises(LlmctlError, match="temperature must be 0"):
         check_sampling(temperature, None, None)

@@ -7,13 +7,7 @@ import torch
 
 from llmctl.config import load_config
 from llmctl.core.errors import LlmctlError
-from llmctl.infer.decode import (
-    generate,
-    next_token_probs,
-    stream_tokens,
-    top_k_filter,
-    top_p_filter,
-)
+from llmctl.infer.decode import generate, stream_tokens
 from llmctl.model import LLM
 
 
@@ -116,54 +110,6 @@ def test_max_new_tokens_zero_returns_the_prompt() -> None:
 def test_bad_sampling_settings_are_user_errors(kwargs) -> None:
     with pytest.raises(LlmctlError):
         generate(_model(), torch.zeros(1, 2, dtype=torch.long), 3, **kwargs)
-
-
-# ---------------------------------------------------------------- filtered distributions
-
-LOGITS = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
-
-
-def test_top_k_keeps_the_k_most_likely_renormalised() -> None:
-    probs = next_token_probs(LOGITS, temperature=1.0, top_k=2)
-    assert torch.allclose(probs, torch.tensor([[0.0, 0.5, 0.0, 0.3]]) / 0.8)
-    assert torch.equal(top_k_filter(LOGITS, 0), LOGITS)  # 0 = off
-    assert torch.equal(top_k_filter(LOGITS, 10), LOGITS)  # k >= vocab: nothing removed
-
-
-@pytest.mark.parametrize("p,support", [(0.4, [1]), (0.75, [1, 3]), (0.85, [1, 2, 3]),
-                                       (1.0, [0, 1, 2, 3])])
-def test_top_p_keeps_the_smallest_set_reaching_p(p: float, support: list[int]) -> None:
-    probs = next_token_probs(LOGITS, temperature=1.0, top_p=p)
-    base = LOGITS.exp()[0]
-    expected = torch.zeros(4)
-    expected[support] = base[support] / base[support].sum()
-    assert torch.allclose(probs[0], expected, atol=1e-6)
-    assert torch.isinf(top_p_filter(LOGITS, p)[0, [i for i in range(4) if i not in support]]
-                       ).all()
-
-
-def test_temperature_and_greedy() -> None:
-    probs = next_token_probs(LOGITS, temperature=0.5)
-    sharpened = LOGITS.exp() ** 2
-    assert torch.allclose(probs, sharpened / sharpened.sum(), atol=1e-6)
-    assert torch.equal(next_token_probs(LOGITS, temperature=0), torch.tensor([[0., 1, 0, 0]]))
-
-
-def test_top_k_then_top_p_and_samples_stay_in_support() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(4, 100) * 3
-    probs = next_token_probs(logits, temperature=0.8, top_k=10, top_p=0.6)
-    for row, p in zip(logits, probs, strict=True):
-        support = p.nonzero().flatten()
-        top10 = (row / 0.8).topk(10).indices
-        assert set(support.tolist()) <= set(top10.tolist())
-        ordered = torch.softmax((row / 0.8)[top10], -1)  # sorted, as topk returns
-        n = int((ordered.cumsum(0) - ordered < 0.6).sum())
-        assert len(support) == n
-        assert p.sum().item() == pytest.approx(1.0)
-    draws = torch.multinomial(probs, 500, replacement=True,
-                              generator=torch.Generator().manual_seed(1))
-    assert torch.gather(probs, 1, draws).gt(0).all()
 
 
 def test_padding_ids_of_a_padded_vocabulary_are_never_sampled() -> None:

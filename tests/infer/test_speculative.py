@@ -7,7 +7,8 @@ import torch
 
 from llmctl.config import load_config
 from llmctl.core.errors import LlmctlError
-from llmctl.infer.decode import generate, next_token_probs
+from llmctl.infer.decode import generate
+from llmctl.infer.sampling import next_token_probs
 from llmctl.infer.speculative import SpeculativeStats, stream_speculative
 from llmctl.model import LLM
 
