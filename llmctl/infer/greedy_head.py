@@ -170,8 +170,8 @@ class ScreenedArgmax:
             ceiling = soft_cap(torch.as_tensor(bound, dtype=exact.dtype), self.softcap)
             if bool((ceiling >= exact.amax(dim=-1)).any()):
                 return self.full(rows, vocab_limit)
-        best = exact.amax(dim=-1, keepdim=True)  # (B, 1)
+        top = exact.amax(dim=-1, keepdim=True)  # (B, 1): the best exact logit per row
         window = l2[:, None] * self.tie_per_l2 + self.tie_cap
-        if bool(((exact >= best - window).sum(dim=-1) > 1).any()):
+        if bool(((exact >= top - window).sum(dim=-1) > 1).any()):
             return self.full(rows, vocab_limit)  # a (near) tie: the full head's order decides
         return survivors[exact.argmax(dim=-1)]

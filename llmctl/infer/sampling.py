@@ -82,7 +82,7 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
 
 def unnormalised_weights(scaled: torch.Tensor) -> torch.Tensor:
     """(B, V) temperature-scaled, filtered logits -> exp(logit - row max): the softmax
-    before its division, so that a subset of the tokens gets the same numbers."""
+    without its division (`draw` takes any positive multiple of the probabilities)."""
     return (scaled - scaled.amax(dim=-1, keepdim=True)).exp_()
 
 
