@@ -1,8 +1,10 @@
 """Decode speed on CPU: tokens/s of the fast decoding step (infer/fastpath.py), of the
 reference cached path (the model's own forward every step) and of recomputing the whole
 context every step, for each attention kind (greedy, batch 1); and of the fast step sampling
-(temperature 1, seeded: every logit through the fp32 head, where greedy steps screen it in
-int8, infer/greedy_head.py). Prints JSON.
+(seeded), through the int8 screen of the head (infer/sampled_head.py) and with the screen
+off (every logit through the fp32 head), side by side: at temperature 1 (rejection, other
+random numbers than the full head's) and at `sample`'s defaults, temperature 0.9 and top-k
+200 (the same tokens as the full head). Prints JSON.
 
     python benchmarks/bench_decode.py [--new_tokens 256 --n_layer 4 --n_embd 256 ...]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 from _common import add_model_args, decode_overrides, emit, environment
 
@@ -32,6 +35,7 @@ def main() -> None:
     import torch
 
     from llmctl.config import load_config
+    from llmctl.infer import greedy_head
     from llmctl.infer.decode import generate
     from llmctl.model import LLM
 
@@ -54,16 +58,28 @@ def main() -> None:
     def cached(model: LLM) -> torch.Tensor:
         return generate(model, prompt, args.new_tokens, temperature=0, fast=False)
 
-    def sampled(model: LLM) -> torch.Tensor:
-        return generate(model, prompt, args.new_tokens, temperature=1.0,
-                        generator=torch.Generator().manual_seed(0))
+    def sampling(temperature: float, top_k: int | None,
+                 screen: bool) -> Callable[[LLM], torch.Tensor]:
+        def run(model: LLM) -> torch.Tensor:
+            # a decoder builds its screen on first use, where the head holds MIN_NUMBERS
+            kept = greedy_head.MIN_NUMBERS
+            greedy_head.MIN_NUMBERS = kept if screen else 1 << 62
+            try:
+                return generate(model, prompt, args.new_tokens, temperature=temperature,
+                                top_k=top_k, generator=torch.Generator().manual_seed(0))
+            finally:
+                greedy_head.MIN_NUMBERS = kept
+        return run
 
+    sampled_runs = {"fast_sampled": sampling(1.0, None, True),
+                    "fast_sampled_full_head": sampling(1.0, None, False),
+                    "fast_top_k": sampling(0.9, 200, True),
+                    "fast_top_k_full_head": sampling(0.9, 200, False)}
     results = {}
     for attn in args.attn:
         run = load_config(overrides=decode_overrides(args, attn), check_batch_split=False)
         model = LLM(run.model).eval()
-        runs = {"fast": fast, "fast_sampled": sampled, "cache": cached,
-                "recompute": recompute}
+        runs = {"fast": fast, **sampled_runs, "cache": cached, "recompute": recompute}
         if args.no_recompute:
             del runs["recompute"]
         best = dict.fromkeys(runs, float("inf"))
@@ -80,9 +96,13 @@ def main() -> None:
         results[attn]["fast_vs_cache"] = round(best["cache"] / best["fast"], 2)
         if "recompute" in runs:
             results[attn]["speedup"] = round(best["recompute"] / best["cache"], 2)
-        results[attn]["same_tokens"] = all(torch.equal(outputs["fast"], out)
-                                           for name, out in outputs.items()
-                                           if name != "fast_sampled")
+        for kind in ("fast_sampled", "fast_top_k"):  # the screen against the full head
+            results[attn][f"{kind}_screen_vs_full_head"] = round(
+                best[f"{kind}_full_head"] / best[kind], 2)
+        results[attn]["same_tokens"] = all(torch.equal(outputs["fast"], outputs[name])
+                                           for name in ("cache", "recompute") if name in runs)
+        results[attn]["same_top_k_tokens"] = torch.equal(outputs["fast_top_k"],
+                                                          outputs["fast_top_k_full_head"])
     emit({
         "benchmark": "greedy decoding, batch 1, CPU fp32: fast step, reference cache, "
                      "full recompute",
@@ -92,6 +112,8 @@ def main() -> None:
                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
         "results": results,
         "min_fast_vs_cache": min(r["fast_vs_cache"] for r in results.values()),
+        "min_top_k_screen_vs_full_head": min(r["fast_top_k_screen_vs_full_head"]
+                                             for r in results.values()),
     })
 
 

@@ -92,6 +92,10 @@ def benchmarks(quick: bool, shared: Path | None,
         "bench_decode.py:char": ("bench_decode.py", ["--vocab_size", "128", "--no_recompute"]
                                  + ((small + ["--new_tokens", "64", "--rounds", "1"]) if quick
                                     else [])),
+        # and at GPT-2's vocabulary (the tokenizer `prepare shakespeare` uses)
+        "bench_decode.py:gpt2_vocab": ("bench_decode.py", ["--vocab_size", "50304",
+                                       "--no_recompute"] + ((small + ["--new_tokens", "64",
+                                       "--rounds", "1"]) if quick else [])),
         "bench_mla.py": ("bench_mla.py", ["--shapes", "char", "--rounds", "1", "--batch_size",
                                           "2"] if quick else []),
         "bench_trainer.py": ("bench_trainer.py",
@@ -117,6 +121,15 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
+def _pair(row: dict[str, Any], kind: str) -> str:
+    """'screened / full head (ratio)' tokens/s of one sampled decode, or '–'."""
+    if f"{kind}_full_head_tokens_per_s" not in row:
+        return "–"
+    return (f"{_fmt(row[f'{kind}_tokens_per_s'])} / "
+            f"{_fmt(row[f'{kind}_full_head_tokens_per_s'])} "
+            f"({row[f'{kind}_screen_vs_full_head']:.2f}×)")
+
+
 def _decode_table(decode: dict[str, Any]) -> list[str]:
     if "results" not in decode:
         return []
@@ -125,8 +138,9 @@ def _decode_table(decode: dict[str, Any]) -> list[str]:
              f"{dims['vocab_size']}, {dims['new_tokens']} new tokens, batch 1, CPU time):", "",
              "| attention | fast step tok/s | reference cache tok/s | fast / reference "
               "(goal ≥ 2×) | recompute tok/s | cache / recompute (goal ≥ 3×) | same tokens "
-              "| fast, sampling tok/s |",
-              "| :-- | --: | --: | --: | --: | --: | :-- | --: |"]
+              "| sampling, screened / full head tok/s | top-k 200, screened / full head tok/s "
+              "|",
+              "| :-- | --: | --: | --: | --: | --: | :-- | --: | --: |"]
     for name, row in decode["results"].items():
         recompute = row.get("recompute_tokens_per_s")
         speedup = row.get("speedup")
@@ -134,7 +148,7 @@ def _decode_table(decode: dict[str, Any]) -> list[str]:
                      f"{_fmt(row['cache_tokens_per_s'])} | {row['fast_vs_cache']:.2f}× | "
                      f"{_fmt(recompute) if recompute else '–'} | "
                      f"{f'{speedup:.1f}×' if speedup else '–'} | {row['same_tokens']} | "
-                     f"{_fmt(row.get('fast_sampled_tokens_per_s'))} |")
+                     f"{_pair(row, 'fast_sampled')} | {_pair(row, 'fast_top_k')} |")
     lines.append("")
     return lines
 
@@ -193,7 +207,7 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {key} | {_fmt(value, 3)} | {goals.get(key, '')} |")
         lines += ["", "(`a_dense_gpt2` and `dense_equal_active` are the same architecture, "
                   "so the gap between their rows shows this harness's noise.)", ""]
-    for key in ("bench_decode.py", "bench_decode.py:char"):
+    for key in ("bench_decode.py", "bench_decode.py:char", "bench_decode.py:gpt2_vocab"):
         lines += _decode_table(r.get(key, {}))
     lines += _decode_ab_table(r.get("bench_decode_ab.py", {}))
     mla = r.get("bench_mla.py", {})

@@ -71,7 +71,7 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
             out = model(idx[:, -block_size:], use_cache=True, last_logits_only=True)
             logits, cache = out.logits[:, -1], out.kv_cache
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        chosen = None  # the next tokens where a greedy step picked them (no logits)
+        chosen = None  # the next tokens where the fast step picked them (no logits)
         for step in range(max_new_tokens):
             if chosen is not None:
                 token, chosen = chosen, None
@@ -89,7 +89,8 @@ def stream_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int
                 if decoder is not None and temperature == 0:
                     chosen = decoder.greedy_step(token, vocab_limit)
                 elif decoder is not None:
-                    logits = decoder.step(token)
+                    chosen = decoder.sampled_step(token, temperature, top_k, top_p,
+                                                  vocab_limit, generator)
                 else:
                     out = model(token[:, None], kv_cache=cache, last_logits_only=True)
                     logits = out.logits[:, -1]

@@ -26,10 +26,14 @@ with fewer, cheaper operations:
 - a greedy step (`greedy_step`) picks its token through an int8 screen of the head that
   reads only the fp32 columns that could win (`greedy_head.ScreenedArgmax`): the head is the
   largest matrix of a small model, and a quarter of its bytes keeps the step's weights in
-  the CPU's cache.
+  the CPU's cache; a sampled step (`sampled_step`) draws through the same screen by
+  rejection, reading the fp32 rows of a few proposed tokens and of those near the top-k
+  boundary (`sampled_head.ScreenedSampler`, exact in distribution).
 
 Greedy output equals the reference path token for token and the logits agree to float
-rounding (tests/infer/test_fastpath.py). It handles the stock blocks (mha / mqa / gqa / mla
+rounding (tests/infer/test_fastpath.py); so does seeded top-k sampling, while untruncated
+sampling at one row follows the same distribution with other random numbers
+(tests/infer/test_sampled_head.py). It handles the stock blocks (mha / mqa / gqa / mla
 attention, with or without QK-norm; MLP or MoE; layer / rms norms; learned, sinusoidal or
 rotary positions). `supports(model)` says whether a model is made only of those; anything
 else uses the reference path.
@@ -53,6 +57,8 @@ from ..model.positional import Positions, sinusoidal
 from ..model.transformer import LLM, Block
 from ..runtime.device import available_memory
 from .greedy_head import ScreenedArgmax, full_argmax, head_logits
+from .sampled_head import ScreenedSampler
+from .sampling import mask_padding, sample_next
 
 _POS_EMBS = ("learn", "sin", "rope")
 _ATTENTION = (CausalSelfAttention, MultiHeadLatentAttention)
@@ -187,6 +193,7 @@ class FastDecoder:
         self._final_norm = _norm_fn(model.norm_f)
         self._head = wt[id(model.lm_head.weight)]
         self._screen: ScreenedArgmax | None | object = _UNBUILT
+        self._sampler: ScreenedSampler | None = None
 
     @property
     def length(self) -> int:
@@ -222,18 +229,42 @@ class FastDecoder:
         """(B,) token ids -> (B, V) logits of the next position."""
         return head_logits(self._final_rows(token), self._head, self.config.logit_softcap)
 
+    def _head_screen(self) -> ScreenedArgmax | None:
+        """The int8 screen of the head, built on first use (None where there is none)."""
+        if self._screen is _UNBUILT:
+            self._screen = (ScreenedArgmax.build(self.model.lm_head.weight, self._head,
+                                                 self.config.logit_softcap)
+                            if self.owned else None)
+            self._sampler = (ScreenedSampler(self._screen, self.model.lm_head.weight)
+                             if self._screen is not None else None)
+        return self._screen
+
     def greedy_step(self, token: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
         """(B,) token ids -> (B,) argmax of the next position's logits (ids below
         `vocab_limit`): `step(token)`'s argmax, from the int8 screen of the head where
         there is one (`greedy_head.ScreenedArgmax`)."""
         rows = self._final_rows(token)
-        if self._screen is _UNBUILT:  # on first use: sampled decoding never needs it
-            self._screen = (ScreenedArgmax.build(self.model.lm_head.weight, self._head,
-                                                 self.config.logit_softcap)
-                            if self.owned else None)
-        if self._screen is not None:
-            return self._screen(rows, vocab_limit)
+        screen = self._head_screen()
+        if screen is not None:
+            return screen(rows, vocab_limit)
         return full_argmax(rows, self._head, self.config.logit_softcap, vocab_limit)
+
+    def sampled_step(self, token: torch.Tensor, temperature: float, top_k: int | None = None,
+                     top_p: float | None = None, vocab_limit: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) token ids -> (B,) next tokens drawn from `step(token)`'s distribution
+        (`sampling.sample_next`, ids below `vocab_limit`): at one row without top-p by
+        rejection through the screen of the head (`sampled_head.ScreenedSampler`, exact in
+        distribution, other random numbers than the full head's draw)."""
+        rows = self._final_rows(token)
+        one_row = rows.shape[0] == 1 and (top_p is None or top_p >= 1) and temperature > 0
+        if one_row and self._head_screen() is not None:
+            chosen = self._sampler(rows, temperature, top_k, vocab_limit, generator)
+            if chosen is not None:
+                return chosen
+        logits = head_logits(rows, self._head, self.config.logit_softcap)
+        return sample_next(mask_padding(logits, vocab_limit), temperature, top_k, top_p,
+                           generator)
 
     def _final_rows(self, token: torch.Tensor) -> torch.Tensor:
         """(B,) token ids -> (B, C) rows of the final norm, the head's input."""

@@ -133,11 +133,18 @@ class ScreenedArgmax:
         that can hold the argmax, for rows of L2 norm `norm` (see `__call__`)."""
         return (norm * self.per_l2 + abs(best) * self.per_logit) / (1 - 2 * self.per_logit)
 
-    def __call__(self, rows: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+    def screen(self, rows: torch.Tensor,
+               vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) rows -> the (B, V') screened logits (bf16, ids below `vocab_limit`) and
+        the rows' (B,) L2 norms: token j's fp32 logit z_j lies within
+        |h|_2 per_l2 + per_logit |y_j| of its screened logit y_j (before soft-capping)."""
         rows_bf16 = rows.to(torch.bfloat16, memory_format=torch.contiguous_format)
         screened = torch._weight_int8pack_mm(rows_bf16, self.q, self.scales)  # (B, V) bf16
-        screened = screened[:, :vocab_limit]  # (B, V'): padding ids are never chosen
-        l2 = torch.linalg.vector_norm(rows, dim=-1)  # (B,)
+        # (B, V'): padding ids are never chosen
+        return screened[:, :vocab_limit], torch.linalg.vector_norm(rows, dim=-1)
+
+    def __call__(self, rows: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+        screened, l2 = self.screen(rows, vocab_limit)  # (B, V'), (B,)
         # With b_j = |h|_2 per_l2 + per_logit |y_j| the bound on token j and y_k the best
         # screened logit, token j can be the argmax only if y_j + b_j >= y_k - b_k. Every
         # token with y_j below y_k - 2 s, s = (|h|_2 per_l2 + per_logit |y_k|) / (1 - 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmctl.config import load_config
-from llmctl.infer import greedy_head
+from llmctl.infer import greedy_head, sampled_head
 from llmctl.infer.decode import generate
 from llmctl.infer.fastpath import FastDecoder, supports, transposed_weights
 from llmctl.model import LLM
@@ -39,8 +39,10 @@ CASES += [dict(attn="gqa", pos_emb="rope", qk_norm=True, norm="rms", logit_softc
 
 @pytest.fixture(params=["screened", "full_head"])
 def head(request, monkeypatch) -> str:
-    """Greedy steps with the int8 screen of the head (also for these tiny heads) or without."""
+    """Decoding steps (greedy, sampled) with the int8 screen of the head (also for these tiny
+    heads) or without."""
     monkeypatch.setattr(greedy_head, "MIN_NUMBERS", 0 if request.param == "screened" else 1 << 62)
+    monkeypatch.setattr(sampled_head, "TOP_K_MIN_NUMBERS", 0)  # top-k sampling too
     return request.param
 
 
@@ -89,12 +91,35 @@ def test_greedy_steps_pick_the_argmax_of_the_step_logits(attn, head) -> None:
     assert (limited[:, 4:] < 40).all()
 
 
-def test_seeded_sampling_equals_the_reference() -> None:
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("top_p", [None, 0.8])
+def test_seeded_top_k_sampling_equals_the_reference(batch, top_p, head) -> None:
+    # top-k through the screen draws the full head's token for the same random number
     model = _model(attn="gqa", pos_emb="rope")
-    prompt = torch.randint(0, 53, (3, 4))
-    runs = [generate(model, prompt, 15, temperature=1.0, top_k=10, fast=fast,
+    prompt = torch.randint(0, 53, (batch, 4))
+    runs = [generate(model, prompt, 15, temperature=1.0, top_k=10, top_p=top_p, fast=fast,
                      generator=torch.Generator().manual_seed(7)) for fast in (True, False)]
     assert torch.equal(*runs)
+
+
+def test_untruncated_sampling_through_the_screen_repeats_with_its_seed(monkeypatch) -> None:
+    monkeypatch.setattr(greedy_head, "MIN_NUMBERS", 0)
+    model = _model(attn="mla", pos_emb="rope")
+    calls = []
+    sampler_call = sampled_head.ScreenedSampler.__call__
+
+    def counted(self, *args, **kwargs):
+        chosen = sampler_call(self, *args, **kwargs)
+        calls.append(chosen is not None)
+        return chosen
+
+    monkeypatch.setattr(sampled_head.ScreenedSampler, "__call__", counted)
+    prompt = torch.randint(0, 53, (1, 4))
+    runs = [generate(model, prompt, 20, temperature=1.0,
+                     generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*runs)
+    assert len(calls) == 38 and sum(calls) >= 30  # 19 steps a run, nearly all screened
+    assert (runs[0] < 53).all()
 
 
 def test_cache_never_grows_during_decoding() -> None:
