@@ -253,12 +253,13 @@ class FastDecoder:
                      top_p: float | None = None, vocab_limit: int | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """(B,) token ids -> (B,) next tokens drawn from `step(token)`'s distribution
-        (`sampling.sample_next`, ids below `vocab_limit`): at one row without top-p by
-        rejection through the screen of the head (`sampled_head.ScreenedSampler`, exact in
-        distribution, other random numbers than the full head's draw)."""
+        (`sampling.sample_next`, ids below `vocab_limit`), without top-p through the screen
+        of the head (`sampled_head.ScreenedSampler`): top-k the full head's tokens for the
+        same random numbers, untruncated at one row by rejection (exact in distribution,
+        other random numbers)."""
         rows = self._final_rows(token)
-        one_row = rows.shape[0] == 1 and (top_p is None or top_p >= 1) and temperature > 0
-        if one_row and self._head_screen() is not None:
+        screenable = (top_p is None or top_p >= 1) and temperature > 0
+        if screenable and self._head_screen() is not None:
             chosen = self._sampler(rows, temperature, top_k, vocab_limit, generator)
             if chosen is not None:
                 return chosen

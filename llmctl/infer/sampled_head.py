@@ -109,10 +109,12 @@ class ScreenedSampler:
         truncated = bool(top_k) and top_k < vocab
         if truncated and self.weight.numel() < TOP_K_MIN_NUMBERS:
             return None
-        screened, l2 = self.screen.screen(rows, vocab_limit)  # (1, V'), (1,)
-        y, c = screened[0], l2.item() * self.screen.per_l2  # (V',) bf16
+        if not truncated and rows.shape[0] != 1:  # rejection runs row by row: not batched
+            return None
+        screened, l2 = self.screen.screen(rows, vocab_limit)  # (B, V'), (B,)
         if truncated:
-            return self._top_k(rows[0], y, c, temperature, top_k, generator)
+            return self._top_k(rows, screened, l2, temperature, top_k, generator)
+        y, c = screened[0], l2.item() * self.screen.per_l2  # (V',) bf16
         low, high = (float(v) for v in torch.aminmax(y))
         # the widest interval (the cap only narrows one, but for its rounding)
         widest = 2 * (c + self.per_logit * max(abs(low), abs(high)))
@@ -126,19 +128,31 @@ class ScreenedSampler:
         chosen = self._draw(rows[0], y, c, weights, upper, top, temperature, generator)
         return None if chosen is None else torch.tensor([chosen], device=rows.device)
 
-    def _top_k(self, row: torch.Tensor, y: torch.Tensor, c: float, temperature: float,
+    def _top_k(self, rows: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, temperature: float,
                k: int, generator: torch.Generator | None) -> torch.Tensor | None:
-        """The draw of `sampling.sample_next` restricted to the tokens that can be among the
-        k largest logits (in id order: the same token for the same random number), or None
-        where too many can."""
-        kth_y = float(torch.topk(y, k).values[-1])
-        # the k tokens of the largest y have logits >= lo(kth_y), so the k-th logit is too:
-        # a token whose hi is below that is out, with weight zero
-        reach = (y >= self._lowest_reaching(self.interval(kth_y, c)[0], c)).nonzero()[:, 0]
-        if not math.isfinite(kth_y) or reach.numel() > y.numel() * _MAX_EXACT_SHARE:
+        """The draw of `sampling.sample_next` for the (B, C) rows, restricted to the tokens
+        that can be among some row's k largest logits (in id order: the same tokens for the
+        same random numbers), or None where too many can."""
+        kth = torch.topk(y, k, dim=-1).values[:, -1].tolist()  # (B,) k-th screened logits
+        # the k tokens of the largest y have logits >= lo(kth), so the k-th logit is too: a
+        # token whose hi is below that is out of the row's top k, with weight zero
+        floors = []
+        for kth_y, norm in zip(kth, l2.tolist(), strict=True):
+            c = norm * self.screen.per_l2
+            floors.append(self._lowest_reaching(self.interval(kth_y, c)[0], c))
+        if not all(map(math.isfinite, kth + floors)):
             return None
-        logits = self.exact(row, reach)[None]  # (1, S): the k largest are among them
-        return reach[sample_next(logits, temperature, k, None, generator)]
+        if len(floors) == 1:
+            reach = (y[0] >= floors[0]).nonzero()[:, 0]  # (S,)
+        else:  # the thresholds are bf16 floors: compared in fp32 they stay at most the bound
+            floor = torch.tensor(floors, dtype=torch.float32, device=y.device)[:, None]
+            reach = (y >= floor).any(dim=0).nonzero()[:, 0]
+        if reach.numel() > y.shape[-1] * _MAX_EXACT_SHARE:
+            return None
+        logits = torch.mm(rows, self.weight.index_select(0, reach).t())  # (B, S)
+        if self.softcap:
+            logits = soft_cap(logits, self.softcap)
+        return reach[sample_next(logits, temperature, k, None, generator)]  # (B,)
 
     def _draw(self, row: torch.Tensor, y: torch.Tensor, c: float, weights: torch.Tensor,
               upper: torch.Tensor, top: float, temperature: float,

@@ -66,6 +66,19 @@ def test_top_k_draws_are_the_full_heads(kind, softcap, vocab_limit, top_k,
     assert screened >= (25 if kind == "gaussian" else 0)
 
 
+@pytest.mark.parametrize("softcap", [None, 0.5])
+def test_batched_top_k_draws_are_the_full_heads(softcap) -> None:
+    sampler = _sampler(4096, 64, softcap=softcap)
+    g = torch.Generator().manual_seed(9)
+    for seed in range(10):
+        rows = torch.randn(4, 64, generator=g) * (1 + torch.arange(4.0))[:, None]  # unlike
+        ours = sampler(rows, 0.9, 40, 4000, torch.Generator().manual_seed(seed))
+        assert ours is not None and ours.shape == (4,)
+        full = _full_draw(sampler, rows, 0.9, 40, 4000, torch.Generator().manual_seed(seed))
+        assert ours.tolist() == full.tolist()
+    assert sampler(rows, 1.0, None) is None  # untruncated: one row at a time only
+
+
 def test_top_k_ties_at_the_kth_logit_all_stay() -> None:
     sampler = _sampler(4096, 64, "ties")
     rows = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
