@@ -45,8 +45,9 @@ _MARGIN = 1.25
 MIN_NUMBERS = 1 << 18
 # more survivors than this share of the vocabulary: the full head costs less than gathering
 _MAX_SURVIVOR_SHARE = 1 / 16
-# rows of the head quantized at a time (bounds the fp32 scratch for large vocabularies)
-_CHUNK_ROWS = 4096
+# numbers of the head quantized at a time: the chunk and its scratch stay in a core's cache
+# across the passes over it (a quarter faster than 4096 rows at 50304 x 768)
+_CHUNK_NUMBERS = 1 << 18
 
 
 def _kernel_available(width: int, device: torch.device) -> bool:
@@ -86,8 +87,9 @@ class ScreenedArgmax:
         q = torch.empty(V, C, dtype=torch.int8, device=weight.device)
         scales = torch.empty(V, dtype=torch.bfloat16, device=weight.device)
         error_norms = []
-        for start in range(0, V, _CHUNK_ROWS):
-            w = weight[start:start + _CHUNK_ROWS].detach().float()
+        chunk = max(1, _CHUNK_NUMBERS // C)  # rows
+        for start in range(0, V, chunk):
+            w = weight[start:start + chunk].detach().float()
             s = (w.abs().amax(dim=1) / 127).to(torch.bfloat16)
             s = s.float().masked_fill_(s == 0, 1.0)[:, None]  # an all-zero row: q = 0, exact
             rows = torch.div(w, s).round_().clamp_(-127, 127)
