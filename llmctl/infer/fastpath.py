@@ -258,7 +258,9 @@ class FastDecoder:
         same random numbers, untruncated at one row by rejection (exact in distribution,
         other random numbers)."""
         rows = self._final_rows(token)
-        screenable = (top_p is None or top_p >= 1) and temperature > 0
+        # the screen is built only where a draw could use it (its build costs a few steps)
+        screenable = (top_p is None or top_p >= 1) and temperature > 0 and ScreenedSampler.applies(
+            tuple(self.model.lm_head.weight.shape), rows.shape[0], top_k, vocab_limit)
         if screenable and self._head_screen() is not None:
             chosen = self._sampler(rows, temperature, top_k, vocab_limit, generator)
             if chosen is not None:

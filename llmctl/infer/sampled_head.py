@@ -102,15 +102,23 @@ class ScreenedSampler:
         y = rest / (1 + self.per_logit) if rest >= 0 else rest / (1 - self.per_logit)
         return _bf16_floor(y - 2.0 ** -40 * abs(y))
 
+    @staticmethod
+    def applies(head_shape: tuple[int, int], batch: int, top_k: int | None,
+                vocab_limit: int | None = None) -> bool:
+        """Whether a draw of `batch` rows from a (V, C) head may go through the screen:
+        top-k for heads of at least TOP_K_MIN_NUMBERS, untruncated at one row."""
+        V, C = head_shape
+        if bool(top_k) and top_k < min(V, vocab_limit or V):
+            return V * C >= TOP_K_MIN_NUMBERS
+        return batch == 1  # rejection runs row by row
+
     def __call__(self, rows: torch.Tensor, temperature: float, top_k: int | None,
                  vocab_limit: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor | None:
-        vocab = min(self.weight.shape[0], vocab_limit or self.weight.shape[0])
-        truncated = bool(top_k) and top_k < vocab
-        if truncated and self.weight.numel() < TOP_K_MIN_NUMBERS:
+        if not self.applies(tuple(self.weight.shape), rows.shape[0], top_k, vocab_limit):
             return None
-        if not truncated and rows.shape[0] != 1:  # rejection runs row by row: not batched
-            return None
+        truncated = bool(top_k) and top_k < min(self.weight.shape[0],
+                                                vocab_limit or self.weight.shape[0])
         screened, l2 = self.screen.screen(rows, vocab_limit)  # (B, V'), (B,)
         if truncated:
             return self._top_k(rows, screened, l2, temperature, top_k, generator)
