@@ -180,6 +180,19 @@ def test_float64_steps_equal_the_reference(attn) -> None:
     _assert_steps_equal_the_forward(model, torch.randint(0, 53, (2, 4)), 5, 9, atol=1e-12)
 
 
+@pytest.mark.parametrize("flags", [dict(), dict(logit_softcap=5.0, tie_embeddings=False)])
+def test_sampling_float64_and_padded_vocabularies_through_the_screen(flags, head) -> None:
+    model = _model(attn="gqa", pos_emb="rope", **flags).double()
+    prompt = torch.randint(0, 40, (1, 4))
+    for top_k in (10, 45):  # 45 > the 40 real ids: no truncation, padding never drawn
+        runs = [generate(model, prompt, 12, temperature=0.8, top_k=top_k, vocab_limit=40,
+                         fast=fast, generator=torch.Generator().manual_seed(5))
+                for fast in (True, False)]
+        assert (runs[0][:, 4:] < 40).all()
+        if top_k == 10:  # untruncated draws use other random numbers than the full head's
+            assert torch.equal(*runs)
+
+
 def test_a_kept_decoder_reuses_its_weights_until_the_model_changes() -> None:
     from llmctl.infer.decode import stream_tokens
 
