@@ -69,7 +69,7 @@ def full_argmax(rows: torch.Tensor, head_t: torch.Tensor, softcap: float | None,
     return head_logits(rows, head_t, softcap)[:, :vocab_limit].argmax(dim=-1)
 
 
-def _bf16_floor(x: float) -> float:
+def bf16_floor(x: float) -> float:
     """A number at most x that stays at most x when rounded to bf16 (one bf16 step lower
     than x is more than the half step of rounding; 2^-126 covers the subnormals)."""
     return x - abs(x) * 2.0 ** -7 - 2.0 ** -126
@@ -158,7 +158,7 @@ class ScreenedArgmax:
                 return self.full(rows, vocab_limit)
             threshold = best - 2 * slack
             # compared in bf16, the threshold rounds to the nearest bf16: lower it past that
-            survivors = (screened[0] >= _bf16_floor(threshold)).nonzero()[:, 0]
+            survivors = (screened[0] >= bf16_floor(threshold)).nonzero()[:, 0]
         else:
             best = screened.amax(dim=-1).to(l2.dtype)
             slack = self._slack(l2, best)

@@ -4,8 +4,8 @@ distribution.
 A sampled step draws from softmax(z / T) over the top-k logits z, and the fp32 head that
 computes every z_j is the largest matrix a small model's step reads (`greedy_head` says why
 that costs more than its bytes). `ScreenedSampler` starts from the int8 screen of
-`greedy_head.ScreenedArgmax`, whose screened logit y_j lies within a proven bound b_j of z_j,
-and samples by rejection: it proposes token j with probability proportional to
+`greedy_head.ScreenedArgmax`, whose screened logit y_j lies within a proven bound b_j of z_j.
+Untruncated, it samples by rejection: it proposes token j with probability proportional to
 exp(hi_j / T), hi_j = y_j + b_j >= z_j, computes that token's exact logit (one row of the
 head) and accepts it with probability exp((z_j - hi_j) / T). Whatever happened before, an
 accepted token is j with probability proportional to exp(z_j / T): the draw is exact. A
@@ -13,18 +13,22 @@ rejected token's exact weight replaces its bound in the proposal (adaptive rejec
 exact), so a step reads a few rows of the head; at random init and T = 1, nine steps in ten
 accept the first proposal.
 
-With top-k the k-th logit decides which tokens may be drawn. Every token whose bounds
-straddle it gets its exact logit (rows of the head gathered: about a tenth of the
-vocabulary at random init, where the k-th logit sits in the dense middle); those and the
-tokens certainly above it make the top-k set exactly, ties at the k-th value kept as
-`sampling.top_k_filter` keeps them. The tokens certainly in it are proposed by their bound.
+With top-k the draw is the full head's own (`sampling.sample_next`), over fewer tokens: a
+token whose upper bound is below the lower bound of the k-th screened logit cannot be among
+the k largest logits, and has weight zero there. Only the others get exact logits (their
+rows of the head gathered: about a tenth of the vocabulary at random init, where the k-th
+logit sits in the dense middle), and the draw over them in id order picks the full head's
+token for the same random number (ties at the k-th value stay, as `top_k_filter` keeps
+them), batched too, but where the gathered rows' fp32 products differ from the full head's
+in the last bit and a random number falls within that rounding of a boundary. That pays
+only for large heads (TOP_K_MIN_NUMBERS).
 
-The random numbers are not those of the full head's draw (`sampling.draw`, one uniform per
-step), so seeded text differs from the reference path's while every token's probability is
-the same, up to the float rounding of the weights. Where the bound is wide against the
-temperature (acceptance could be poor), too many tokens straddle the k-th logit, with
-top-p, for more than one row, or where a rejection chain runs long, the caller samples from
-the full head (`__call__` returns None; restarting there is exact too).
+Untruncated draws use other random numbers than the full head's (`sampling.draw`, one
+uniform per step), so their seeded text differs from the reference path's while every
+token's probability is the same, up to the float rounding of the weights. Where the bound
+is wide against the temperature (acceptance could be poor), too many tokens can reach the
+top k, with top-p, for an untruncated batch, or where a rejection chain runs long, the
+caller samples from the full head (`__call__` returns None; restarting there is exact too).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import math
 import torch
 
 from ..model.transformer import soft_cap
-from .greedy_head import ScreenedArgmax, _bf16_floor
+from .greedy_head import ScreenedArgmax, bf16_floor
 from .sampling import invert_cdf, sample_next
 
 # the widest bound 2 b_j over the temperature: acceptance is at least e^-_MAX_WIDTH
@@ -51,9 +55,10 @@ _MAX_ATTEMPTS = 8
 
 
 class ScreenedSampler:
-    """`(rows (1, C), temperature, top_k, vocab_limit, generator) -> (1,) ids | None`: a
-    token drawn from softmax(logits / temperature) restricted to the top-k logits, where
-    the logits are those of the head whose (V, C) weights are `weight` and `screen` screens.
+    """`(rows (B, C), temperature, top_k, vocab_limit, generator) -> (B,) ids | None`: a
+    token per row drawn from softmax(logits / temperature) restricted to the top-k logits,
+    where the logits are those of the head whose (V, C) weights are `weight` and `screen`
+    screens (None: the caller's full head decides).
 
     Token j's fp32 logit lies in [lo(y_j), hi(y_j)], y_j its screened logit and
     lo(y) = y - c - r|y|, hi(y) = y + c + r|y| (c from the row's norm, r per unit of |y|;
@@ -100,7 +105,7 @@ class ScreenedSampler:
             bound -= 2.0 ** -30 * (abs(bound) + cap)  # atanh's rounding, generously
         rest = bound - c
         y = rest / (1 + self.per_logit) if rest >= 0 else rest / (1 - self.per_logit)
-        return _bf16_floor(y - 2.0 ** -40 * abs(y))
+        return bf16_floor(y - 2.0 ** -40 * abs(y))
 
     @staticmethod
     def applies(head_shape: tuple[int, int], batch: int, top_k: int | None,
