@@ -70,4 +70,6 @@ def train(
         parts.append(f"last loss {result.last_loss:.4f}")
     if result.best_val is not None:
         parts.append(f"best val {result.best_val:.4f}")
-    typer.echo(", ".join(parts) + f"; run folder {result.run_dir}")
+    # the reference's default saves nothing: say so where the user would look for the weights
+    saved = "" if run.train.save_model else " (no checkpoint saved: train with --save_model)"
+    typer.echo(", ".join(parts) + f"; run folder {result.run_dir}{saved}")

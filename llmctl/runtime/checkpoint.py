@@ -211,7 +211,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if pickles and not (path / WEIGHTS).exists():
         _refuse_pickle(pickles[0])
     raise CheckpointError(f"{path} is not a checkpoint: {CONFIG} is missing (and there is no "
-                          "best/ or latest/ checkpoint inside)")
+                          "best/ or latest/ checkpoint inside; `llmctl train` saves them only "
+                          "with --save_model)")
 
 
 def read_checkpoint_json(file: Path) -> Any:

@@ -45,6 +45,7 @@ def test_trains_and_reports(data_dir, tmp_path):
     assert "training from scratch" in result.output
     assert "step 3/3 | loss" in result.output
     assert "done: 3 steps, last loss" in result.output
+    assert "no checkpoint saved: train with --save_model" in result.output  # the default
     assert (tmp_path / "runs" / "ok" / "metrics.jsonl").is_file()
 
 
@@ -52,6 +53,7 @@ def test_resume_from_a_checkpoint_alone_continues_with_its_config(data_dir, tmp_
     first = _train(*_base(data_dir, tmp_path, "--file_name", "gqa", "--attn", "gqa",
                           "--n_kv_heads", "1", "--pos_emb", "rope", "--save_model"))
     assert first.exit_code == 0, first.output
+    assert "no checkpoint saved" not in first.output
     latest = tmp_path / "runs" / "gqa" / "latest"
     # no model flags, no data flags: everything comes from the checkpoint
     result = _train("--resume", str(latest), "--max_iters", "5")

@@ -72,6 +72,9 @@ def test_round_trip_keeps_ties_config_and_state(tmp_path, run):
 
 
 def test_run_folder_resolves_best_then_latest(tmp_path, run):
+    (tmp_path / "metrics.jsonl").write_text("")  # a run trained without --save_model
+    with pytest.raises(CheckpointError, match="saves them only with --save_model"):
+        resolve_checkpoint(tmp_path)
     _save(tmp_path / "latest", Tied(), run, step=5)
     assert resolve_checkpoint(tmp_path) == tmp_path / "latest"
     _save(tmp_path / "best", Tied(), run, step=3)
