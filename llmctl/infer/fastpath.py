@@ -26,9 +26,9 @@ with fewer, cheaper operations:
 - a greedy step (`greedy_step`) picks its token through an int8 screen of the head that
   reads only the fp32 columns that could win (`greedy_head.ScreenedArgmax`): the head is the
   largest matrix of a small model, and a quarter of its bytes keeps the step's weights in
-  the CPU's cache; a sampled step (`sampled_step`) draws through the same screen by
-  rejection, reading the fp32 rows of a few proposed tokens and of those near the top-k
-  boundary (`sampled_head.ScreenedSampler`, exact in distribution).
+  the CPU's cache; a sampled step (`sampled_step`) draws through the same screen
+  (`sampled_head.ScreenedSampler`): top-k from the exact logits of only the tokens that can
+  reach the top k, untruncated by rejection, reading the rows of a few proposed tokens.
 
 Greedy output equals the reference path token for token and the logits agree to float
 rounding (tests/infer/test_fastpath.py); so does seeded top-k sampling, while untruncated
@@ -259,8 +259,9 @@ class FastDecoder:
         other random numbers)."""
         rows = self._final_rows(token)
         # the screen is built only where a draw could use it (its build costs a few steps)
-        screenable = (top_p is None or top_p >= 1) and temperature > 0 and ScreenedSampler.applies(
-            tuple(self.model.lm_head.weight.shape), rows.shape[0], top_k, vocab_limit)
+        head_shape = tuple(self.model.lm_head.weight.shape)
+        screenable = (temperature > 0 and (top_p is None or top_p >= 1)
+                      and ScreenedSampler.applies(head_shape, rows.shape[0], top_k, vocab_limit))
         if screenable and self._head_screen() is not None:
             chosen = self._sampler(rows, temperature, top_k, vocab_limit, generator)
             if chosen is not None:

@@ -108,12 +108,17 @@ class ScreenedSampler:
         return bf16_floor(y - 2.0 ** -40 * abs(y))
 
     @staticmethod
+    def _truncates(vocab: int, top_k: int | None, vocab_limit: int | None) -> bool:
+        """Whether top-k leaves out some of the `vocab` ids below `vocab_limit`."""
+        return bool(top_k) and top_k < min(vocab, vocab_limit or vocab)
+
+    @staticmethod
     def applies(head_shape: tuple[int, int], batch: int, top_k: int | None,
                 vocab_limit: int | None = None) -> bool:
         """Whether a draw of `batch` rows from a (V, C) head may go through the screen:
         top-k for heads of at least TOP_K_MIN_NUMBERS, untruncated at one row."""
         V, C = head_shape
-        if bool(top_k) and top_k < min(V, vocab_limit or V):
+        if ScreenedSampler._truncates(V, top_k, vocab_limit):
             return V * C >= TOP_K_MIN_NUMBERS
         return batch == 1  # rejection runs row by row
 
@@ -122,10 +127,8 @@ class ScreenedSampler:
                  generator: torch.Generator | None = None) -> torch.Tensor | None:
         if not self.applies(tuple(self.weight.shape), rows.shape[0], top_k, vocab_limit):
             return None
-        truncated = bool(top_k) and top_k < min(self.weight.shape[0],
-                                                vocab_limit or self.weight.shape[0])
         screened, l2 = self.screen.screen(rows, vocab_limit)  # (B, V'), (B,)
-        if truncated:
+        if self._truncates(self.weight.shape[0], top_k, vocab_limit):
             return self._top_k(rows, screened, l2, temperature, top_k, generator)
         y, c = screened[0], l2.item() * self.screen.per_l2  # (V',) bf16
         low, high = (float(v) for v in torch.aminmax(y))
