@@ -10,8 +10,9 @@ with fewer, cheaper operations:
 - the step works on (B, C) rows; residual adds ride on the output projections (`addmm`);
 - on a CPU the projection weights are read from an (in, out) contiguous copy made once per
   decoder (MKL's matrix-vector product streams that layout ~1.3x faster; no copy when it
-  would take more than a quarter of the free memory). Where the step owns such copies
-  (CPU, fp32 / fp64) the softmax scale is folded into the query weights;
+  would take more than a quarter of the free memory); the head's copy is made on first use,
+  as steps that go through its int8 screen never multiply by all of it. Where the step owns
+  such copies (CPU, fp32 / fp64) the softmax scale is folded into the query weights;
 - RoPE tables are built once for the window, and queries and keys rotate together in three
   elementwise operations (exactly apply_rope's products and sums);
 - the one new query attends with two batched products and a softmax, grouped by KV head
@@ -120,13 +121,20 @@ def _weights_key(model: nn.Module) -> tuple | object:
     return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
 
-def transposed_weights(model: LLM, copy: bool | None = None) -> dict[int, torch.Tensor]:
-    """{id(weight): weight^T as an (in, out) tensor} for every projection of the step: a
-    contiguous copy when `copy` (default: `owns_copies(model)`), else the transposed view."""
+def transposed_weights(model: LLM, copy: bool | None = None,
+                       head: bool = True) -> dict[int, torch.Tensor]:
+    """{id(weight): weight^T as an (in, out) tensor} for every projection of the step (the
+    head's too where `head`): a contiguous copy when `copy` (default: `owns_copies(model)`),
+    else the transposed view."""
     if copy is None:
         copy = owns_copies(model)
-    return {id(w): w.detach().t().contiguous() if copy else w.detach().t()
-            for w in _projection_weights(model)}
+    weights = _projection_weights(model)[0 if head else 1:]  # the head comes first
+    return {id(w): _transposed(w, copy) for w in weights}
+
+
+def _transposed(weight: torch.Tensor, copy: bool) -> torch.Tensor:
+    """weight^T: an (in, out) contiguous copy where `copy`, else the transposed view."""
+    return weight.detach().t().contiguous() if copy else weight.detach().t()
 
 
 class _Rotary:
@@ -188,10 +196,10 @@ class FastDecoder:
                                    model.config.rope_theta)
         self._rotary: dict[tuple[int, int], _Rotary] = {}
         self.owned = owns_copies(model)
-        wt = transposed_weights(model, copy=self.owned)
+        wt = transposed_weights(model, copy=self.owned, head=False)
         self._layers = [_Layer(self, block, wt) for block in model.blocks]
         self._final_norm = _norm_fn(model.norm_f)
-        self._head = wt[id(model.lm_head.weight)]
+        self._head_t: torch.Tensor | None = None  # `_full_head`, made on first use
         self._screen: ScreenedArgmax | None | object = _UNBUILT
         self._sampler: ScreenedSampler | None = None
 
@@ -227,12 +235,20 @@ class FastDecoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """(B,) token ids -> (B, V) logits of the next position."""
-        return head_logits(self._final_rows(token), self._head, self.config.logit_softcap)
+        return head_logits(self._final_rows(token), self._full_head(),
+                           self.config.logit_softcap)
+
+    def _full_head(self) -> torch.Tensor:
+        """The head's (C, V) weights for the whole vocabulary's logits, in the step's layout
+        (made on the first step that needs them)."""
+        if self._head_t is None:
+            self._head_t = _transposed(self.model.lm_head.weight, self.owned)
+        return self._head_t
 
     def _head_screen(self) -> ScreenedArgmax | None:
         """The int8 screen of the head, built on first use (None where there is none)."""
         if self._screen is _UNBUILT:
-            self._screen = (ScreenedArgmax.build(self.model.lm_head.weight, self._head,
+            self._screen = (ScreenedArgmax.build(self.model.lm_head.weight, self._full_head,
                                                  self.config.logit_softcap)
                             if self.owned else None)
             self._sampler = (ScreenedSampler(self._screen, self.model.lm_head.weight)
@@ -247,7 +263,7 @@ class FastDecoder:
         screen = self._head_screen()
         if screen is not None:
             return screen(rows, vocab_limit)
-        return full_argmax(rows, self._head, self.config.logit_softcap, vocab_limit)
+        return full_argmax(rows, self._full_head(), self.config.logit_softcap, vocab_limit)
 
     def sampled_step(self, token: torch.Tensor, temperature: float, top_k: int | None = None,
                      top_p: float | None = None, vocab_limit: int | None = None,
@@ -266,7 +282,7 @@ class FastDecoder:
             chosen = self._sampler(rows, temperature, top_k, vocab_limit, generator)
             if chosen is not None:
                 return chosen
-        logits = head_logits(rows, self._head, self.config.logit_softcap)
+        logits = head_logits(rows, self._full_head(), self.config.logit_softcap)
         return sample_next(mask_padding(logits, vocab_limit), temperature, top_k, top_p,
                            generator)
 

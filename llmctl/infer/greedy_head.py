@@ -6,8 +6,10 @@ weights outgrow the CPU's last-level cache every byte of them comes from main me
 Greedy decoding needs only the argmax. `ScreenedArgmax` screens the vocabulary with an int8
 copy of the head (a quarter of the bytes) whose error has a proven bound: a token whose
 screened logit lies more than twice the bound below the best one cannot be the argmax. Only
-the columns of the fp32 head that survive are read and multiplied, and the argmax of their
-exact logits is the argmax of all of them. Two fp32 products of the same numbers need not
+the rows of the fp32 head that survive are read and multiplied, and the argmax of their
+exact logits is the argmax of all of them (the head's (C, V) copy for whole-vocabulary
+products is made only where the full head decides, on first use: at GPT-2 124M's shape
+that copy is 154 MB). Two fp32 products of the same numbers need not
 agree to the last bit (MKL's AVX-512 kernels sum a column in an order that depends on its
 place in the product), so where another survivor's exact logit lies within that rounding of
 the best one, the full head decides: exact ties still go to the first id.
@@ -32,6 +34,7 @@ that are a multiple of 16, and tests hold the kernel to the bound.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -77,12 +80,15 @@ def bf16_floor(x: float) -> float:
 
 class ScreenedArgmax:
     """`(rows (B, C), vocab_limit) -> (B,)` token ids: the argmax of the rows' logits through
-    the head (its (C, V) weights `head_t`, then soft-capped by `softcap` when set), found by
-    the int8 screen. `build` returns None where the screen is not available or not worth it."""
+    the (V, C) head `weight` (then soft-capped by `softcap` when set), found by the int8
+    screen. `full_head()` gives the head's (C, V) weights for the whole vocabulary's
+    logits, called only where the full head decides (the caller builds them on first use).
+    `build` returns None where the screen is not available or not worth it."""
 
-    def __init__(self, weight: torch.Tensor, head_t: torch.Tensor, softcap: float | None):
+    def __init__(self, weight: torch.Tensor, full_head: Callable[[], torch.Tensor],
+                 softcap: float | None):
         V, C = weight.shape
-        self.head_t, self.softcap = head_t, softcap
+        self.weight, self.full_head, self.softcap = weight.detach(), full_head, softcap
         self.max_survivors = max(16, int(V * _MAX_SURVIVOR_SHARE))
         q = torch.empty(V, C, dtype=torch.int8, device=weight.device)
         scales = torch.empty(V, dtype=torch.bfloat16, device=weight.device)
@@ -115,7 +121,7 @@ class ScreenedArgmax:
         self.tie_cap = 2.0 ** -20 * softcap if softcap else 0.0  # tanh's rounding, both ways
 
     @classmethod
-    def build(cls, weight: torch.Tensor, head_t: torch.Tensor,
+    def build(cls, weight: torch.Tensor, full_head: Callable[[], torch.Tensor],
               softcap: float | None) -> ScreenedArgmax | None:
         """The screen of a (V, C) head, or None: not a float32 / float64 CPU head whose width
         the kernel takes, smaller than MIN_NUMBERS, or with weights that are not finite."""
@@ -124,11 +130,11 @@ class ScreenedArgmax:
             return None
         if not _kernel_available(C, weight.device):
             return None
-        screen = cls(weight, head_t, softcap)
+        screen = cls(weight, full_head, softcap)
         return screen if math.isfinite(screen.per_l2) else None  # inf / NaN weights
 
     def full(self, rows: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
-        return full_argmax(rows, self.head_t, self.softcap, vocab_limit)
+        return full_argmax(rows, self.full_head(), self.softcap, vocab_limit)
 
     def _slack(self, norm: float | torch.Tensor, best: float | torch.Tensor):
         """Half the window below the best screened logit `best` (a float or a (B,) tensor)
@@ -169,7 +175,7 @@ class ScreenedArgmax:
         if not 0 < survivors.numel() <= self.max_survivors:
             return self.full(rows, vocab_limit)
         # exact logits of the survivors, every row over all of them (any exact value is fair)
-        exact = torch.mm(rows, self.head_t.index_select(1, survivors))  # (B, n)
+        exact = torch.mm(rows, self.weight.index_select(0, survivors).t())  # (B, n)
         if self.softcap:
             exact = soft_cap(exact, self.softcap)
             # the cap flattens large logits: a token ruled out (below threshold + slack)

@@ -70,9 +70,9 @@ def test_replies_share_one_decoder_and_match_a_fresh_session(chat_ckpt):
     session = ChatSession(loaded, SampleSettings(max_new_tokens=8, temperature=0, seed=0))
     session.reply("Good morrow!")
     decoder = session._decoder
-    head = decoder._head  # the weight copies of the first turn
+    layers = decoder._layers  # the weight copies of the first turn
     second = session.reply("And of up?")
-    assert session._decoder is decoder and decoder._head is head
+    assert session._decoder is decoder and decoder._layers is layers
     assert decoder.cache is None  # no KV cache held between turns
     fresh = ChatSession(loaded, SampleSettings(max_new_tokens=8, temperature=0, seed=0))
     fresh.history = session.history[:2]

@@ -198,20 +198,39 @@ def test_a_kept_decoder_reuses_its_weights_until_the_model_changes() -> None:
 
     model = _model(attn="gqa", pos_emb="rope")
     decoder = FastDecoder(model, total_tokens=0)
-    head = decoder._head
+    layers = decoder._layers
     for prompt in (torch.randint(0, 53, (1, 4)), torch.randint(0, 53, (2, 6))):
         assert torch.equal(generate(model, prompt, 10, temperature=0, decoder=decoder),
                            generate(model, prompt, 10, temperature=0, fast=False))
         assert decoder.cache is None  # released when the stream ends
-    assert decoder._head is head  # not prepared again
+    assert decoder._layers is layers  # not prepared again
     qkv = model.blocks[0].attn.qkv.weight
     with torch.no_grad():  # an in-place update, as an optimizer step makes
         qkv.add_(0.1 * torch.randn_like(qkv))
     prompt = torch.randint(0, 53, (2, 5))
     _assert_steps_equal_the_forward(model, prompt, 6, 11, decoder=decoder)
-    assert decoder._head is not head  # prepared again for the changed weights
+    assert decoder._layers is not layers  # prepared again for the changed weights
     with pytest.raises(ValueError, match="another model"):
         list(stream_tokens(_model(attn="mla"), prompt, 2, decoder=decoder))
+
+
+def test_screened_greedy_steps_never_copy_the_whole_head(monkeypatch) -> None:
+    monkeypatch.setattr(greedy_head, "MIN_NUMBERS", 0)
+    model = _model(vocab_size=2048, init_std=0.02)  # a head the screen narrows to a few ids
+    decoder = FastDecoder(model, total_tokens=0)
+    prompt = torch.randint(0, 2048, (1, 4))
+    assert torch.equal(generate(model, prompt, 12, temperature=0, decoder=decoder),
+                       generate(model, prompt, 12, temperature=0, fast=False))
+    assert decoder._screen is not None and decoder._head_t is None  # only the survivors' rows
+    with torch.no_grad():  # the logits of a step need all of it: copied then, once
+        decoder.prefill(prompt, total_tokens=6)
+        logits = decoder.step(prompt[:, -1])
+        longer = torch.cat((prompt, prompt[:, -1:]), dim=1)
+        assert torch.allclose(logits, model(longer).logits[:, -1], atol=1e-5)
+    head_t = decoder._head_t
+    assert head_t.is_contiguous() and torch.equal(head_t, model.lm_head.weight.t())
+    assert head_t.data_ptr() != model.lm_head.weight.data_ptr()
+    assert decoder._full_head() is head_t
 
 
 def test_unknown_modules_use_the_reference_path() -> None:
@@ -228,6 +247,8 @@ def test_cpu_fp32_weights_are_used_transposed_and_contiguous() -> None:
     assert head.is_contiguous() and torch.equal(head, model.lm_head.weight.t())
     assert head.data_ptr() != model.lm_head.weight.data_ptr()  # a copy, not the parameter
     assert len(weights) == 1 + 6 * len(model.blocks)  # head; q_down, q_up, kv_down, proj, up, down
+    blocks_only = transposed_weights(model, head=False)  # what a decoder copies up front
+    assert id(model.lm_head.weight) not in blocks_only and len(blocks_only) == len(weights) - 1
 
 
 def test_no_weight_copies_when_they_would_not_fit(monkeypatch) -> None:

@@ -35,7 +35,7 @@ def _head(kind: str, V: int = 4096, C: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _screen(w: torch.Tensor, softcap: float | None = None) -> ScreenedArgmax:
-    screen = ScreenedArgmax.build(w, w.t().contiguous(), softcap)
+    screen = ScreenedArgmax.build(w, w.t().contiguous, softcap)
     assert screen is not None
     return screen
 
@@ -49,7 +49,7 @@ def test_the_int8_product_keeps_to_the_bound(kind, C, scale) -> None:
     rows = torch.randn(5, C) * scale
     rows[0] = 0.0  # all zero: every logit 0 both ways
     approx = torch._weight_int8pack_mm(rows.bfloat16(), screen.q, screen.scales).double()
-    full = torch.mm(rows, screen.head_t).double()
+    full = torch.mm(rows, screen.full_head()).double()
     exact = rows.double() @ w.double().t()
     slack = (torch.linalg.vector_norm(rows.double(), dim=1) * screen.per_l2
              + approx.abs().amax(dim=1) * screen.per_logit)[:, None]
@@ -99,7 +99,7 @@ def test_the_screen_is_built_only_where_it_is_safe_and_pays(monkeypatch) -> None
     monkeypatch.setattr(greedy_head, "MIN_NUMBERS", PAYS)
 
     def build(w):
-        return ScreenedArgmax.build(w, w.t().contiguous(), None)
+        return ScreenedArgmax.build(w, w.t().contiguous, None)
 
     assert build(torch.randn(4096, 64)) is not None
     assert build(torch.randn(4096, 64, dtype=torch.float64)) is not None

@@ -33,13 +33,13 @@ def _sampler(V: int, C: int, kind: str = "gaussian", softcap: float | None = Non
         w[5::211] = 0
     elif kind == "ties":  # duplicated rows: equal logits around the k-th
         w = w[: V // 8].repeat(8, 1)
-    screen = ScreenedArgmax.build(w, w.t().contiguous(), softcap)
+    screen = ScreenedArgmax.build(w, w.t().contiguous, softcap)
     assert screen is not None
     return ScreenedSampler(screen, w)
 
 
 def _full_draw(sampler: ScreenedSampler, rows, temperature, top_k, vocab_limit, generator):
-    logits = head_logits(rows, sampler.screen.head_t, sampler.softcap)
+    logits = head_logits(rows, sampler.screen.full_head(), sampler.softcap)
     return sample_next(mask_padding(logits, vocab_limit), temperature, top_k, None, generator)
 
 
@@ -82,7 +82,7 @@ def test_batched_top_k_draws_are_the_full_heads(softcap) -> None:
 def test_top_k_ties_at_the_kth_logit_all_stay() -> None:
     sampler = _sampler(4096, 64, "ties")
     rows = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
-    logits = head_logits(rows, sampler.screen.head_t, None)[0]
+    logits = head_logits(rows, sampler.screen.full_head(), None)[0]
     kth = torch.topk(logits, 12).values[-1]
     allowed = set((logits >= kth).nonzero()[:, 0].tolist())
     assert len(allowed) >= 16  # rows repeat 8 times: the k-th value is shared
@@ -121,7 +121,7 @@ def test_untruncated_draws_follow_the_softmax(softcap, monkeypatch) -> None:
             full_head += 1
             token = _full_draw(sampler, rows, temperature, None, None, g)
         counts[int(token)] += 1
-    target = head_logits(rows, sampler.screen.head_t, softcap)[0].double() / temperature
+    target = head_logits(rows, sampler.screen.full_head(), softcap)[0].double() / temperature
     target = target.softmax(dim=-1)
     # the proposal alone (every bound accepted) is far off: the test can tell
     hi = sampler.bounds(skewed[0], l2.item() * sampler.screen.per_l2)[1]
