@@ -85,9 +85,10 @@ def supports(model: nn.Module) -> bool:
                for b in model.blocks)
 
 
-def _projection_weights(model: LLM) -> list[torch.Tensor]:
-    """The 2-D weights the decoding step multiplies by (not the embedding tables)."""
-    weights = [model.lm_head.weight]
+def _projection_weights(model: LLM, head: bool = True) -> list[torch.Tensor]:
+    """The 2-D weights the decoding step multiplies by (not the embedding tables; the
+    head's where `head`)."""
+    weights = [model.lm_head.weight] if head else []
     for block in model.blocks:
         attn, ffn = block.attn, block.ffn
         if type(attn) is CausalSelfAttention:
@@ -128,8 +129,7 @@ def transposed_weights(model: LLM, copy: bool | None = None,
     else the transposed view."""
     if copy is None:
         copy = owns_copies(model)
-    weights = _projection_weights(model)[0 if head else 1:]  # the head comes first
-    return {id(w): _transposed(w, copy) for w in weights}
+    return {id(w): _transposed(w, copy) for w in _projection_weights(model, head)}
 
 
 def _transposed(weight: torch.Tensor, copy: bool) -> torch.Tensor:
@@ -251,7 +251,7 @@ class FastDecoder:
             self._screen = (ScreenedArgmax.build(self.model.lm_head.weight, self._full_head,
                                                  self.config.logit_softcap)
                             if self.owned else None)
-            self._sampler = (ScreenedSampler(self._screen, self.model.lm_head.weight)
+            self._sampler = (ScreenedSampler(self._screen)
                              if self._screen is not None else None)
         return self._screen
 

@@ -57,16 +57,16 @@ _MAX_ATTEMPTS = 8
 class ScreenedSampler:
     """`(rows (B, C), temperature, top_k, vocab_limit, generator) -> (B,) ids | None`: a
     token per row drawn from softmax(logits / temperature) restricted to the top-k logits,
-    where the logits are those of the head whose (V, C) weights are `weight` and `screen`
-    screens (None: the caller's full head decides).
+    where the logits are those of the head `screen` screens, whose (V, C) weights it holds
+    (None: the caller's full head decides).
 
     Token j's fp32 logit lies in [lo(y_j), hi(y_j)], y_j its screened logit and
     lo(y) = y - c - r|y|, hi(y) = y + c + r|y| (c from the row's norm, r per unit of |y|;
     soft-capped where the model caps). Both grow with y, so the k-th largest of either is
     at the k-th largest y, and a threshold on y stands for a threshold on either."""
 
-    def __init__(self, screen: ScreenedArgmax, weight: torch.Tensor):
-        self.screen, self.weight = screen, weight.detach()
+    def __init__(self, screen: ScreenedArgmax):
+        self.screen, self.weight = screen, screen.weight
         self.softcap, self.per_logit = screen.softcap, screen.per_logit
 
     def exact(self, row: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

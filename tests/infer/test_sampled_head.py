@@ -35,7 +35,7 @@ def _sampler(V: int, C: int, kind: str = "gaussian", softcap: float | None = Non
         w = w[: V // 8].repeat(8, 1)
     screen = ScreenedArgmax.build(w, w.t().contiguous, softcap)
     assert screen is not None
-    return ScreenedSampler(screen, w)
+    return ScreenedSampler(screen)
 
 
 def _full_draw(sampler: ScreenedSampler, rows, temperature, top_k, vocab_limit, generator):
