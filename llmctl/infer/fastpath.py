@@ -7,7 +7,8 @@ weights stream from memory, plus some 30 small operations per layer whose dispat
 more than their arithmetic. `FastDecoder` runs the same arithmetic on the model's weights
 with fewer, cheaper operations:
 
-- the step works on (B, C) rows; residual adds ride on the output projections (`addmm`);
+- the step works on (B, C) rows; residual adds ride on the output projections, in place
+  (`addmm_`: the residual row is not copied first);
 - on a CPU the projection weights are read from an (in, out) contiguous copy made once per
   decoder (MKL's matrix-vector product streams that layout ~1.3x faster; no copy when it
   would take more than a quarter of the free memory); the head's copy is made on first use,
@@ -322,6 +323,14 @@ def _norm_fn(module: nn.Module, gain: float = 1.0) -> Callable[[torch.Tensor], t
     return lambda x: F.rms_norm(x, shape, weight, eps)
 
 
+def _add_product(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x + a @ w, into x where all three share a dtype (not copying x first); under autocast,
+    whose products return another dtype, a new tensor as the reference path makes."""
+    if x.dtype == a.dtype == w.dtype:
+        return x.addmm_(a, w)
+    return torch.addmm(x, a, w)
+
+
 def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
             scale: float | None) -> torch.Tensor:
     """(Bk, G, d) queries of the newest position (the G query heads that share each of the
@@ -339,7 +348,8 @@ def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
 
 class _Layer:
     """One block's decoding step: `attend(h, x, ...)` and `feed_forward(h, x)` return x plus
-    the sublayer's output for the normed rows h."""
+    the sublayer's output for the normed rows h (x itself, added to in place, where they
+    can: x is the step's own residual row)."""
 
     def __init__(self, decoder: FastDecoder, block: Block, wt: dict[int, torch.Tensor]):
         self.attn_norm, self.ffn_norm = _norm_fn(block.attn_norm), _norm_fn(block.ffn_norm)
@@ -425,7 +435,7 @@ class _Layer:
 
     def _mlp(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         up = torch.mm(h, self.w_up)
-        return torch.addmm(x, activate(up, self.non_linearity), self.w_down)
+        return _add_product(x, activate(up, self.non_linearity), self.w_down)
 
     def _moe(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(h[:, None])[0][:, 0]
@@ -448,7 +458,7 @@ class _Layer:
         layer_cache.length = L = at + 1
         y = _attend(qk[:, :H].reshape(B * kv, H // kv, hd), self.keys_t[..., :L],
                     self.values[:, :L], self.scale)  # (B * kv, H / kv, hd)
-        return torch.addmm(x, y.view(B, H * hd), self.w_proj)
+        return _add_product(x, y.view(B, H * hd), self.w_proj)
 
     def _mla(self, h: torch.Tensor, x: torch.Tensor, layer_cache: LayerCache, at: int,
              rotations: dict) -> torch.Tensor:
@@ -481,4 +491,4 @@ class _Layer:
         # one KV head shared by all: keys are the rows [c, k_rope], values their c part
         o = _attend(q, self.keys_t[..., :L], self.values[:, :L], self.scale)  # (B, H, lat)
         y = torch.bmm(o.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # (B, H, hd)
-        return torch.addmm(x, y.reshape(B, H * hd), self.w_proj)
+        return _add_product(x, y.reshape(B, H * hd), self.w_proj)

@@ -7,7 +7,8 @@ Greedy decoding needs only the argmax. `ScreenedArgmax` screens the vocabulary w
 copy of the head (a quarter of the bytes) whose error has a proven bound: a token whose
 screened logit lies more than twice the bound below the best one cannot be the argmax. Only
 the rows of the fp32 head that survive are read and multiplied, and the argmax of their
-exact logits is the argmax of all of them (the head's (C, V) copy for whole-vocabulary
+exact logits is the argmax of all of them (a token that survives alone is the argmax without
+its row; the head's (C, V) copy for whole-vocabulary
 products is made only where the full head decides, on first use: at GPT-2 124M's shape
 that copy is 154 MB). Two fp32 products of the same numbers need not
 agree to the last bit (MKL's AVX-512 kernels sum a column in an order that depends on its
@@ -174,6 +175,10 @@ class ScreenedArgmax:
             survivors = (screened >= threshold[:, None]).any(dim=0).nonzero()[:, 0]
         if not 0 < survivors.numel() <= self.max_survivors:
             return self.full(rows, vocab_limit)
+        if survivors.numel() == 1 and not self.softcap:
+            # every other logit is below it in any summation order: no tie to break, and
+            # its exact logit is not needed (the cap could flatten a near one into a tie)
+            return survivors.expand(rows.shape[0])
         # exact logits of the survivors, every row over all of them (any exact value is fair)
         exact = torch.mm(rows, self.weight.index_select(0, survivors).t())  # (B, n)
         if self.softcap:

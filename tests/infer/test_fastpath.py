@@ -270,3 +270,21 @@ def test_bfloat16_greedy_tokens_equal_the_reference(attn) -> None:
     prompt = torch.randint(0, 53, (2, 5))
     assert torch.equal(generate(model, prompt, 15, temperature=0),
                        generate(model, prompt, 15, temperature=0, fast=False))
+
+
+@pytest.mark.parametrize("attn", ["mha", "mla"])
+def test_steps_under_bfloat16_autocast_follow_the_reference(attn) -> None:
+    # `sample --dtype bfloat16` decodes fp32 weights under autocast: the products return
+    # bf16 rows, so the residual adds cannot go into the fp32 row in place
+    model = _model(attn=attn, pos_emb="rope", n_layer=1)
+    prompt = torch.randint(0, 53, (1, 5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = FastDecoder(model, total_tokens=8)
+        fast = decoder.prefill(prompt)
+        out = model(prompt)
+        for token in (3, 17, 41):
+            token = torch.tensor([token])
+            fast = decoder.step(token)
+            out = model(token[:, None], kv_cache=out.kv_cache)
+            assert fast.dtype == out.logits.dtype == torch.bfloat16
+            assert torch.allclose(fast.float(), out.logits[:, -1].float(), atol=0.1, rtol=0)

@@ -86,6 +86,20 @@ def test_ties_go_to_the_first_id_and_a_screen_that_cannot_narrow_defers() -> Non
     assert (screen(torch.randn(6, 64)) < 512).all()
 
 
+def test_a_token_that_survives_alone_is_chosen_without_reading_its_row() -> None:
+    w = _head("gaussian")
+    screen = _screen(w)
+    ids = torch.tensor([7, 1234, 4095])
+    rows = w[ids] * 400  # each row points at one token's weights: it alone survives
+    assert torch.equal(screen(rows), ids)
+    screen.weight = torch.full_like(w, float("nan"))  # the fp32 rows are never read
+    screen.full_head = None
+    for row, token in zip(rows, ids, strict=True):
+        assert torch.equal(screen(row[None]), token[None])
+    twin = torch.stack((rows[0], rows[0] * 2))  # a batch whose rows agree: one survivor
+    assert torch.equal(screen(twin), ids[[0, 0]])
+
+
 def test_rows_that_are_not_finite_get_the_full_heads_answer() -> None:
     screen = _screen(_head("gaussian"))
     rows = torch.randn(3, 64)
