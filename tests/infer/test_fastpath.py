@@ -161,14 +161,21 @@ def test_steps_past_the_reserved_rows_grow_the_cache_and_stay_exact() -> None:
 
 
 @pytest.mark.parametrize("absorb", [True, False])
-def test_mla_with_and_without_w_uk_merged_into_the_query_weights(absorb, monkeypatch) -> None:
+@pytest.mark.parametrize("q_latent_dim", [16, 64])  # W_uq (16 -> 48) copied; (64 -> 48) not
+def test_mla_with_and_without_w_uk_merged_into_the_query_weights(absorb, q_latent_dim,
+                                                                 monkeypatch) -> None:
     import llmctl.infer.fastpath as fastpath
 
     if not absorb:  # the merged matrix counts as too large
         monkeypatch.setattr(fastpath, "_ABSORB_SLACK", -10**9)
-    model = _model(attn="mla", pos_emb="rope")
+    model = _model(attn="mla", pos_emb="rope", q_latent_dim=q_latent_dim)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     decoder = _assert_steps_equal_the_forward(model, torch.randint(0, 53, (2, 5)), 12, 17)
     assert [layer.absorbed for layer in decoder._layers] == [absorb] * 2
+    q_up = decoder._layers[0].w_q
+    assert q_up.is_contiguous() == (absorb or q_latent_dim == 16)
+    # the scale went into the decoder's own copies, never into the model's weights
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     prompt = torch.randint(0, 53, (1, 4))
     assert torch.equal(generate(model, prompt, 12, temperature=0),
                        generate(model, prompt, 12, temperature=0, fast=False))
@@ -246,7 +253,12 @@ def test_cpu_fp32_weights_are_used_transposed_and_contiguous() -> None:
     head = weights[id(model.lm_head.weight)]
     assert head.is_contiguous() and torch.equal(head, model.lm_head.weight.t())
     assert head.data_ptr() != model.lm_head.weight.data_ptr()  # a copy, not the parameter
-    assert len(weights) == 1 + 6 * len(model.blocks)  # head; q_down, q_up, kv_down, proj, up, down
+    assert len(weights) == 1 + 4 * len(model.blocks)  # head; q_up, proj, up, down
+    for block in model.blocks:  # copied where the output is at least as wide as the input
+        up, down = weights[id(block.ffn.up.weight)], weights[id(block.ffn.down.weight)]
+        assert up.is_contiguous() and up.data_ptr() != block.ffn.up.weight.data_ptr()
+        assert down.data_ptr() == block.ffn.down.weight.data_ptr()  # the weight's own rows
+        assert torch.equal(down, block.ffn.down.weight.t())
     blocks_only = transposed_weights(model, head=False)  # what a decoder copies up front
     assert id(model.lm_head.weight) not in blocks_only and len(blocks_only) == len(weights) - 1
 
