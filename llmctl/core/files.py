@@ -177,6 +177,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename `src` (a file or a folder) to `dst`, replacing a file there, and make the
+    rename durable: every rename outside the writers above goes through here."""
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
 def swap_folder(new: Path, final: Path, old: Path) -> None:
     """Put the finished folder `new` in place of `final`, keeping the previous `final` as
     `old` between the two renames (the caller removes `old` afterwards). A crash between

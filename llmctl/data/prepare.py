@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import LlmctlError, one_of
-from ..core.files import file_kind, swap_folder, write_bytes_atomic, write_json_atomic
+from ..core.files import file_kind, move, swap_folder, write_bytes_atomic, write_json_atomic
 from . import layout
 from .chat import MASK_SUFFIX, OFFSETS_SUFFIX
 from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
@@ -511,7 +511,7 @@ def _finish_splits(plan: SourcePlan, writers: dict[str, SplitWriter], partial: P
         dst.flush()
         os.fsync(dst.fileno())
     os.truncate(all_path, n_train * itemsize)
-    os.replace(all_path, train_path)
+    move(all_path, train_path)
     return {"train": {"file": train_path.name, "tokens": n_train,
                       "sha256": layout.sha256_file(train_path)},
             "val": {"file": val_path.name, "tokens": total - n_train,

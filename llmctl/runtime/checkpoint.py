@@ -24,7 +24,7 @@ from .. import __version__
 from ..config import ConfigError, RunConfig, load_config
 from ..core.bounds import loads_json
 from ..core.errors import LlmctlError
-from ..core.files import CHECKPOINT_JSON_LIMIT, read_user_file, swap_folder, write_json_atomic
+from ..core.files import CHECKPOINT_JSON_LIMIT, move, read_user_file, swap_folder, write_json_atomic
 from .checkpoint_data import check_config_json, check_trainer_state
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
     try:
         parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() and (old / CONFIG).is_file():
-            os.replace(old, path)  # an earlier save stopped between its two renames
+            move(old, path)  # an earlier save stopped between its two renames
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         if state_dict is not None:
@@ -144,7 +144,7 @@ def save_checkpoint(path: str | os.PathLike, *, state_dict: Mapping[str, torch.T
         # RuntimeError: torch.save's writer reports I/O failures (e.g. a full disk) that way
         shutil.rmtree(tmp, ignore_errors=True)
         if not path.exists() and old.exists():
-            os.replace(old, path)
+            move(old, path)
         reason = getattr(err, "strerror", None) or str(err)
         raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous "
                               "checkpoint (if any) is intact") from None

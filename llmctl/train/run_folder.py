@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..core.errors import LlmctlError
+from ..core.files import move
 from ..runtime.checkpoint import has_checkpoint
 
 LATEST, BEST = "latest", "best"
@@ -61,7 +62,7 @@ def check_fresh_start(folder: Path, *, set_aside_metrics: bool) -> None:
         n = 1
         while aside.exists():
             aside, n = folder / f"metrics.{stamp}-{n}.jsonl", n + 1
-        metrics.rename(aside)
+        move(metrics, aside)
 
 
 class RunFolderLock:
