@@ -128,6 +128,33 @@ def test_non_finite_logits_are_a_clear_error(bad: float) -> None:
         sample_next(logits, temperature=1.0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_a_clear_error_under_top_k(bad: float) -> None:
+    logits = torch.zeros(1, 10)
+    logits[0, :4] = torch.tensor([5.0, 4.0, 4.0, 4.0])  # ties at the k-th could hide a NaN
+    logits[0, 7] = bad
+    with pytest.raises(LlmctlError, match="not finite"):
+        sample_next(logits, temperature=1.0, top_k=3)
+
+
+def test_one_row_under_top_k_draws_the_masked_rows_token() -> None:
+    # the kept tokens' weights alone give the running sums of the masked row, whose other
+    # weights are zeros: the same token for the same uniform number
+    g = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        V = int(torch.randint(5, 300, (1,), generator=g))
+        logits = (torch.randn(1, V, generator=g) * 3).round(decimals=trial % 3)  # ties too
+        if trial % 4 == 0:
+            logits[0, V // 2:] = float("-inf")  # a padded vocabulary's ids
+        k = int(torch.randint(1, V, (1,), generator=g))
+        seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        masked = unnormalised_weights(top_k_filter(logits / 0.8, k))
+        expected = draw(masked, torch.Generator().manual_seed(seed))
+        chosen = sample_next(logits, 0.8, k, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(chosen, expected), trial
+        assert masked[0, chosen] > 0
+
+
 def test_sampled_tokens_follow_the_filtered_distribution() -> None:
     """sample_next draws from next_token_probs: temperature, top-k and top-p together."""
     torch.manual_seed(2)
