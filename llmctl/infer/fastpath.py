@@ -62,7 +62,7 @@ from ..model.transformer import LLM, Block
 from ..runtime.device import available_memory
 from .greedy_head import ScreenedArgmax, full_argmax, head_logits
 from .sampled_head import ScreenedSampler
-from .sampling import mask_padding, sample_next
+from .sampling import mask_padding, sample_next, truncates_top_p
 
 _POS_EMBS = ("learn", "sin", "rope")
 _ATTENTION = (CausalSelfAttention, MultiHeadLatentAttention)
@@ -103,12 +103,12 @@ def _projection_weights(model: LLM, head: bool = True) -> list[torch.Tensor]:
     return weights
 
 
-def copy_pays(weight: torch.Tensor) -> bool:
+def copy_pays(shape: tuple[int, int]) -> bool:
     """Whether an (out, in) weight streams faster from an (in, out) copy at batch 1: where
     out >= in (1.2-1.6x at 256 -> 1024 and 768 -> 3072 on a Zen 3 core, even at 768 -> 768);
     a wider input is read faster in the weight's own rows (1.1-1.5x at 1024 -> 256 and
     3072 -> 768)."""
-    out_features, in_features = weight.shape
+    out_features, in_features = shape
     return out_features >= in_features
 
 
@@ -120,7 +120,7 @@ def owns_copies(model: LLM) -> bool:
     if not all(w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
                for w in weights):
         return False
-    need = sum(w.numel() * w.element_size() for w in weights if copy_pays(w))
+    need = sum(w.numel() * w.element_size() for w in weights if copy_pays(w.shape))
     free, _ = available_memory(weights[0].device)
     return free is None or need <= _LAYOUT_MEMORY_SHARE * free
 
@@ -144,10 +144,15 @@ def transposed_weights(model: LLM, copy: bool | None = None,
     return {id(w): _transposed(w, copy) for w in _projection_weights(model, head)}
 
 
+def _copied(shape: tuple[int, int], copy: bool) -> bool:
+    """Whether the step reads an (out, in) weight of this shape from its own (in, out) copy:
+    where copies are made (`copy`) and `copy_pays`."""
+    return copy and copy_pays(shape)
+
+
 def _transposed(weight: torch.Tensor, copy: bool) -> torch.Tensor:
-    """weight^T: an (in, out) contiguous copy where `copy` and `copy_pays`, else the
-    transposed view."""
-    if copy and copy_pays(weight):
+    """weight^T: an (in, out) contiguous copy where `_copied`, else the transposed view."""
+    if _copied(weight.shape, copy):
         return weight.detach().t().contiguous()
     return weight.detach().t()
 
@@ -291,7 +296,7 @@ class FastDecoder:
         rows = self._final_rows(token)
         # the screen is built only where a draw could use it (its build costs a few steps)
         head_shape = tuple(self.model.lm_head.weight.shape)
-        screenable = (temperature > 0 and (top_p is None or top_p >= 1)
+        screenable = (temperature > 0 and not truncates_top_p(top_p)
                       and ScreenedSampler.applies(head_shape, rows.shape[0], top_k, vocab_limit))
         if screenable and self._head_screen() is not None:
             chosen = self._sampler(rows, temperature, top_k, vocab_limit, generator)
@@ -389,7 +394,8 @@ class _Layer:
         scale = 1.0 / math.sqrt(hd)
         # the softmax scale rides on the queries' weights where the step owns a copy of
         # them, or on the query norm's gains (QK-norm)
-        folded = decoder.owned and (attn.q_head_norm is not None or copy_pays(attn.qkv.weight))
+        folded = (decoder.owned and attn.q_head_norm is not None) or _copied(
+            attn.qkv.weight.shape, decoder.owned)
         self.scale = None if folded else scale
         if attn.q_head_norm is None:
             self.qk_norms = None
@@ -408,8 +414,11 @@ class _Layer:
         H, hd, r, lat = attn.n_head, attn.head_dim, attn.rope_dim, attn.kv_latent_dim
         ql = attn.q_down.weight.shape[0]  # the query latent's width
         # one product for [query latent | c | k_rope], in the layout that streams faster
-        self.w_in = _transposed(torch.cat((attn.q_down.weight, attn.kv_down.weight)),
-                                decoder.owned)
+        # (the join is a copy either way: an (in, out) one where a copy pays)
+        down = (attn.q_down.weight.detach(), attn.kv_down.weight.detach())
+        joined = (sum(w.shape[0] for w in down), down[0].shape[1])  # (ql + lat + r, C)
+        self.w_in = (torch.cat([w.t() for w in down], dim=1) if _copied(joined, decoder.owned)
+                     else torch.cat(down).t())
         self.w_proj = wt[id(attn.proj.weight)]
         self.q_norm, self.kv_norm = _norm_fn(attn.q_norm), _norm_fn(attn.kv_norm)
         w_uk, w_uv = attn.kv_up.weight.detach().view(2, H, hd, lat)  # (H, hd, lat) each
@@ -424,7 +433,7 @@ class _Layer:
             merged = torch.cat((nope, w[..., hd:]), dim=-1) * attn.scale
             self.w_q = merged.reshape(ql, H * (lat + r)).to(w_q.dtype)
         # the softmax scale rides on the queries' weights where the step owns them
-        folded = self.absorbed or (decoder.owned and copy_pays(attn.q_up.weight))
+        folded = self.absorbed or _copied(attn.q_up.weight.shape, decoder.owned)
         if not self.absorbed:
             self.w_q, self.w_uk = w_q, w_uk.contiguous()
             if folded:  # this layer's own copy

@@ -8,12 +8,12 @@ copy of the head (a quarter of the bytes) whose error has a proven bound: a toke
 screened logit lies more than twice the bound below the best one cannot be the argmax. Only
 the rows of the fp32 head that survive are read and multiplied, and the argmax of their
 exact logits is the argmax of all of them (a token that survives alone is the argmax without
-its row; the head's (C, V) copy for whole-vocabulary
-products is made only where the full head decides, on first use: at GPT-2 124M's shape
-that copy is 154 MB). Two fp32 products of the same numbers need not
-agree to the last bit (MKL's AVX-512 kernels sum a column in an order that depends on its
-place in the product), so where another survivor's exact logit lies within that rounding of
-the best one, the full head decides: exact ties still go to the first id.
+its row; the head's (C, V) copy for whole-vocabulary products is made only where the full
+head decides, on first use: at GPT-2 124M's shape that copy is 154 MB). Two fp32 products
+of the same numbers need not agree to the last bit (MKL's AVX-512 kernels sum a column in
+an order that depends on its place in the product), so where another survivor's exact logit
+lies within that rounding of the best one, the full head decides: exact ties still go to
+the first id.
 
 The bound, for one row h and token j (u = 2^-8, bf16's unit roundoff; g = C 2^-24 / (1 - C
 2^-24), fp32 summation over C numbers). The screen computes y_j = bf16(sum_i h'_i W'_ji),

@@ -39,7 +39,7 @@ import torch
 
 from ..model.transformer import soft_cap
 from .greedy_head import ScreenedArgmax, bf16_floor
-from .sampling import invert_cdf, sample_next
+from .sampling import invert_cdf, sample_next, truncates_top_k
 
 # the widest bound 2 b_j over the temperature: acceptance is at least e^-_MAX_WIDTH
 _MAX_WIDTH = 1.0
@@ -110,7 +110,7 @@ class ScreenedSampler:
     @staticmethod
     def _truncates(vocab: int, top_k: int | None, vocab_limit: int | None) -> bool:
         """Whether top-k leaves out some of the `vocab` ids below `vocab_limit`."""
-        return bool(top_k) and top_k < min(vocab, vocab_limit or vocab)
+        return truncates_top_k(top_k, min(vocab, vocab_limit or vocab))
 
     @staticmethod
     def applies(head_shape: tuple[int, int], batch: int, top_k: int | None,

@@ -46,9 +46,19 @@ def mask_padding(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
     return logits
 
 
+def truncates_top_k(k: int | None, vocab: int) -> bool:
+    """Whether top-k leaves out some of `vocab` ids (k None or 0 is off)."""
+    return bool(k) and k < vocab
+
+
+def truncates_top_p(p: float | None) -> bool:
+    """Whether a nucleus of probability p can leave out any token (p None or >= 1 is off)."""
+    return p is not None and p < 1
+
+
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     """Keep the k largest logits per row, set the rest to -inf (k None/0 or >= V: no-op)."""
-    if not k or k >= logits.size(-1):
+    if not truncates_top_k(k, logits.size(-1)):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -57,7 +67,7 @@ def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
     at least p (always at least one), set the rest to -inf (p None or >= 1: no-op)."""
-    if p is None or p >= 1:
+    if not truncates_top_p(p):
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
@@ -67,9 +77,9 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _filtered(logits: torch.Tensor, temperature: float, top_k: int | None,
-              top_p: float | None) -> torch.Tensor:
-    return top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+def _filtered(scaled: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Temperature-scaled logits after top-k, then top-p."""
+    return top_p_filter(top_k_filter(scaled, top_k), top_p)
 
 
 def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -80,7 +90,7 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     if temperature == 0:
         logits = logits.float()
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return _filtered(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return _filtered(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
 
 
 def unnormalised_weights(scaled: torch.Tensor) -> torch.Tensor:
@@ -121,20 +131,20 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """(B, V) logits -> (B,) next token ids."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if logits.shape[0] == 1 and top_k and top_k < logits.size(-1) and (top_p is None
-                                                                       or top_p >= 1):
-        chosen = _draw_top_k_row(logits, temperature, top_k, generator)
+    scaled = logits.float() / temperature  # (B, V)
+    if (scaled.shape[0] == 1 and truncates_top_k(top_k, scaled.shape[1])
+            and not truncates_top_p(top_p)):
+        chosen = _draw_top_k_row(scaled[0], top_k, generator)
         if chosen is not None:
             return chosen
-    return draw(unnormalised_weights(_filtered(logits, temperature, top_k, top_p)), generator)
+    return draw(unnormalised_weights(_filtered(scaled, top_k, top_p)), generator)
 
 
-def _draw_top_k_row(logits: torch.Tensor, temperature: float, k: int,
+def _draw_top_k_row(scaled: torch.Tensor, k: int,
                     generator: torch.Generator | None) -> torch.Tensor | None:
-    """The top-k draw of a (1, V) row over its kept tokens only (those at least its k-th
-    largest logit, ties kept, in id order), or None for a row with a NaN (the full draw
-    says what is wrong: no comparison would keep it)."""
-    scaled = logits[0].float() / temperature  # (V,)
+    """The top-k draw of one (V,) row of scaled logits over its kept tokens only (those at
+    least its k-th largest, ties kept, in id order), or None for a row with a NaN (the full
+    draw says what is wrong: no comparison would keep it)."""
     top = torch.topk(scaled, k).values  # (k,) descending, a NaN first
     if bool(top[0].isnan()):
         return None
