@@ -15,7 +15,9 @@ k = n_act - n_shared; the n_shared shared experts run on every token (fused into
 width n_shared * up_dim, which equals the sum of n_shared separate MLPs).
 
 Dispatch is batched: the (token, expert) pairs are sorted by expert so each expert runs
-once on a contiguous slice (or all at once through `torch._grouped_mm`).
+once on a contiguous slice (or all at once through `torch._grouped_mm`). A forward without
+gradients with fewer pairs than routed experts (a decoding step) multiplies each pair on its
+own instead (`RoutedExperts.few_rows`).
 """
 
 from __future__ import annotations
@@ -37,14 +39,26 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# torch's grouped GEMM has a CPU kernel from 2.9 on (before, only CUDA's)
+_CPU_GROUPED_MM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 9)
+
+
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Where `auto` uses torch's grouped GEMM: CUDA, bf16 (its kernel's and its compile-time
-    shape function's need), sm90+, with 16-byte aligned rows. On a CPU the loop below
-    measured faster (benchmarks/bench_model.py: grouped_mm_vs_loop)."""
+    """Where `auto` uses torch's grouped GEMM (16-byte aligned rows in every case):
+    - CUDA: bf16 (its kernel's and its compile-time shape function's need), sm90+;
+    - CPU: fp32 or bf16, torch >= 2.9, not inside torch.compile (whose shape function
+      takes bf16 only). Its loop over the groups runs in C++: against the `loop` below,
+      a training step measured 0.99x (4 x 256 MoE, benchmarks/bench_model.py) to 0.96x
+      (2 x 128), greedy decoding 1.23x faster (most groups are empty at batch 1)."""
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
-    return (x.device.type == "cuda" and aligned and x.dtype == torch.bfloat16
-            and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    if not (aligned and hasattr(torch, "_grouped_mm")):
+        return False
+    if x.device.type == "cuda":
+        return (x.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return (x.device.type == "cpu" and _CPU_GROUPED_MM
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling())
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
@@ -84,7 +98,7 @@ class _LoopGroupedMM(torch.autograd.Function):
         ctx.save_for_backward(x, w, scale)
         ctx.counts = counts
         out = x.new_empty((x.shape[0], w.shape[-1]))
-        for e, rows in enumerate(_group_rows(counts)):
+        for e, rows in _filled_groups(counts):
             torch.mm(x[rows], w[e], out=out[rows])
             if scale is not None:
                 out[rows].mul_(scale[rows, None])
@@ -99,7 +113,11 @@ class _LoopGroupedMM(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x or need_scale else None
         grad_w = torch.empty_like(w) if need_w else None
         grad_scale = torch.empty_like(scale) if need_scale else None
-        for e, rows in enumerate(_group_rows(ctx.counts)):
+        if grad_w is not None:
+            for e, n in enumerate(ctx.counts):
+                if n == 0:  # an expert no token chose
+                    grad_w[e].zero_()
+        for e, rows in _filled_groups(ctx.counts):
             g_e, x_e = grad[rows], x[rows]
             if grad_x is not None:
                 t = torch.mm(g_e, w[e].t(), out=grad_x[rows])  # (n, K): d out / d x, unscaled
@@ -108,19 +126,18 @@ class _LoopGroupedMM(torch.autograd.Function):
                 if scale is not None:
                     t.mul_(scale[rows, None])
             if grad_w is not None:
-                if rows.stop == rows.start:  # an expert no token chose
-                    grad_w[e].zero_()
-                    continue
                 g_scaled = g_e if scale is None else g_e * scale[rows, None]
                 torch.mm(x_e.t(), g_scaled, out=grad_w[e])
         return grad_x if need_x else None, grad_w, grad_scale, None
 
 
-def _group_rows(counts: list[int]):
-    """The row slice of each group."""
+def _filled_groups(counts: list[int]):
+    """(group, its row slice) of each group with at least one row: an empty group's
+    products would only cost their call (most groups at batch-1 decoding)."""
     start = 0
-    for n in counts:
-        yield slice(start, start + n)
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
         start += n
 
 
@@ -155,6 +172,27 @@ class RoutedExperts(nn.Module):
         if base is None:
             return ys.new_zeros((N, ys.shape[-1])).index_add_(0, token, ys)
         return base.to(ys.dtype).index_add(0, token, ys)
+
+    def few_rows(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+        """forward's sum for a few rows, most experts idle (a decoding step), without the
+        sort, gather, combine and a product per expert: each (row, expert) pair multiplied
+        on its own and added in forward's order (by expert), so the same numbers come out
+        for one row. No gradients."""
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        out = (x.new_zeros((x.shape[0], self.w_down.shape[-1])) if base is None
+               else base.to(dtype, copy=True))  # (N, C)
+        up = x.new_empty((expert_idx.shape[1], self.w_up.shape[-1]))  # (k, up)
+        for t, (experts, row_gates) in enumerate(zip(expert_idx.tolist(),
+                                                     gates.to(dtype).tolist(), strict=True)):
+            pairs = sorted(zip(experts, row_gates, strict=True))
+            for j, (e, _) in enumerate(pairs):
+                torch.mm(x[t:t + 1], self.w_up[e].to(dtype), out=up[j:j + 1])
+            h = activate(up, self.non_linearity)  # one call for the row's k experts
+            for j, (e, gate) in enumerate(pairs):
+                out[t:t + 1].add_(torch.mm(h[j:j + 1], self.w_down[e].to(dtype)).mul_(gate))
+        return out
 
 
 class MoE(nn.Module):
@@ -198,8 +236,12 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)
         scores, expert_idx, gates = self.route(flat)
-        counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_routed)  # (E,)
         shared = self.shared(flat) if self.shared is not None else None
+        if (not self.training and not torch.is_grad_enabled()
+                and B * T * self.top_k <= self.n_routed):  # e.g. a decoding step
+            y = self.experts.few_rows(flat, expert_idx, gates, base=shared)  # (N, C)
+            return self.drop(y.view(B, T, C)), scores.new_zeros(())
+        counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_routed)  # (E,)
         y = self.experts(flat, expert_idx, gates, counts, base=shared)  # (N, C)
         if self.training and torch.is_grad_enabled() and not is_recomputing():
             self._count(counts)

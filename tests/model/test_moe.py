@@ -335,16 +335,112 @@ def test_training_from_a_skewed_router_lowers_max_load_violation(aux_free: bool)
     assert after < 0.5 * before
 
 
-def test_auto_dispatch_runs_the_loop_on_a_cpu(monkeypatch) -> None:
-    """On a CPU `auto` is the loop (measured faster there) and never needs torch's grouped
-    GEMM (absent before torch 2.9)."""
+def _recording_grouped_mm(monkeypatch) -> list[torch.dtype]:
+    """Replace torch._grouped_mm by a wrapper that records the dtype of each call."""
+    calls: list[torch.dtype] = []
+    real = torch._grouped_mm
+
+    def recording(a, b, **kw):
+        calls.append(a.dtype)
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", recording)
+    return calls
+
+
+def test_auto_dispatch_on_a_cpu_is_the_grouped_gemm_where_it_can_run(monkeypatch) -> None:
+    """On a CPU with torch >= 2.9 `auto` takes torch's grouped GEMM for fp32 and bf16 rows
+    of 16-byte multiples (measured faster than the loop there), forward and backward."""
+    import llmctl.model.moe as moe
+
+    if not moe._CPU_GROUPED_MM:
+        pytest.skip("torch < 2.9 has no CPU grouped GEMM")
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(3, 16, 16, requires_grad=True)
+    counts, scale = torch.tensor([3, 0, 5]), torch.rand(8)
+    expected = torch.cat([x[:3] @ w[0], x[3:] @ w[2]]) * scale[:, None]
+    calls = _recording_grouped_mm(monkeypatch)
+    out = grouped_matmul(x, w, counts, "auto", row_scale=scale)
+    assert calls == [torch.float32]
+    assert torch.allclose(out, expected, atol=1e-5)
+    got = torch.autograd.grad(out.square().sum(), (x, w))
+    want = torch.autograd.grad(expected.square().sum(), (x, w))
+    assert all(torch.allclose(g, r, atol=1e-4) for g, r in zip(got, want, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grouped_matmul(x, w, counts, "auto")
+    assert calls[-1] == torch.bfloat16
+
+
+def test_auto_dispatch_on_a_cpu_runs_the_loop_elsewhere(monkeypatch) -> None:
+    """The loop where the grouped GEMM cannot run: rows of 20 bytes, fp16, inside
+    torch.compile (its shape function takes bf16 only), torch before 2.9."""
     import llmctl.model.moe as moe
 
     torch.manual_seed(0)
-    x, w, counts = torch.randn(8, 16), torch.randn(3, 16, 16), torch.tensor([3, 0, 5])
-    expected = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
+    counts = torch.tensor([3, 0, 5])
+    calls = _recording_grouped_mm(monkeypatch) if hasattr(torch, "_grouped_mm") else []
+
+    def check(x: torch.Tensor, w: torch.Tensor) -> None:
+        assert not moe._grouped_mm_supported(x, w)
+        expected = torch.cat([x[:3].float() @ w[0].float(), x[3:].float() @ w[2].float()])
+        got = grouped_matmul(x, w, counts, "auto")
+        assert torch.allclose(got.float(), expected, atol=1e-2, rtol=1e-2)
+
+    check(torch.randn(8, 5), torch.randn(3, 5, 16))  # 20-byte input rows
+    check(torch.randn(8, 16), torch.randn(3, 16, 5))  # 20-byte output rows
+    check(torch.randn(8, 16).half(), torch.randn(3, 16, 16).half())
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        check(torch.randn(8, 16), torch.randn(3, 16, 16))
+    assert calls == []
+    monkeypatch.setattr(moe, "_CPU_GROUPED_MM", False)
     monkeypatch.setattr(torch, "_grouped_mm", None, raising=False)  # would fail if called
-    assert not moe._grouped_mm_supported(x, w)
-    assert not moe._grouped_mm_supported(x.bfloat16(), w.bfloat16())
-    assert torch.equal(grouped_matmul(x, w, counts, "auto"), grouped_matmul(x, w, counts, "loop"))
-    assert torch.allclose(grouped_matmul(x, w, counts, "auto"), expected, atol=1e-6)
+    check(torch.randn(8, 16), torch.randn(3, 16, 16))
+    check(torch.randn(8, 16).bfloat16(), torch.randn(3, 16, 16).bfloat16())
+
+@pytest.mark.parametrize("aux_free", [False, True])
+@pytest.mark.parametrize("non_linearity", ["gelu", "swiglu"])
+@pytest.mark.parametrize("n_shared", [0, 1])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_few_rows_without_gradients_equal_the_sorted_dispatch(
+        aux_free: bool, non_linearity: str, n_shared: int, autocast: bool, monkeypatch) -> None:
+    """A decoding step (few rows, most experts idle, no gradients) multiplies each (row,
+    expert) pair on its own: one fp32 row gives exactly the sorted dispatch's numbers, two
+    rows and bf16 autocast the same to rounding; with gradients, in training or with more
+    pairs than routed experts, the sorted dispatch runs."""
+    import llmctl.model.moe as moe_module
+
+    torch.manual_seed(1)
+    moe = _moe(aux_free, non_linearity, n_exp=8, n_shared=n_shared, n_act=n_shared + 3,
+               n_embd=32).eval()  # 3 of 8 - n_shared routed experts per token
+    sorted_calls = []
+    sorted_forward = moe_module.RoutedExperts.forward
+
+    def counting(self, *args, **kw):
+        sorted_calls.append(args[0].shape[0])
+        return sorted_forward(self, *args, **kw)
+
+    monkeypatch.setattr(moe_module.RoutedExperts, "forward", counting)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for rows in (1, 2):
+            x = torch.randn(rows, 1, 32)
+            with torch.no_grad():
+                few, aux = moe(x)
+            assert sorted_calls == [] and aux == 0
+            batched, _ = moe(x.requires_grad_())  # gradients wanted: the sorted dispatch
+            assert sorted_calls == [rows]
+            sorted_calls.clear()
+            assert few.dtype == batched.dtype
+            if rows == 1 and not autocast:
+                assert torch.equal(few, batched.detach())
+            else:  # bf16: the combine's index_add rounds the sum in another order
+                tol = 2e-2 if autocast else 1e-6
+                assert torch.allclose(few.float(), batched.detach().float(), atol=tol,
+                                      rtol=tol)
+        with torch.no_grad():
+            moe(torch.randn(3, 1, 32))  # 9 pairs > 8 - n_shared routed experts
+            assert sorted_calls == [3]
+            moe.train()
+            moe(torch.randn(1, 1, 32))  # training: the aux loss needs the expert counts
+            assert sorted_calls == [3, 1]
