@@ -26,15 +26,27 @@ def add_model_args(parser: argparse.ArgumentParser, *, n_layer: int = 4, n_embd:
     parser.add_argument("--block_size", type=int, default=block_size)
 
 
+def moe_overrides(n_embd: int) -> dict[str, Any]:
+    """The benchmarks' MoE FFN as config keys: 16 experts, 1 shared, 4 active, each expert
+    a quarter of the dense 4x width (so a token activates the dense FFN's width)."""
+    return dict(moe=True, n_exp=16, n_shared=1, n_act=4, up_dim=n_embd, coeff=0.01)
+
+
+def add_moe_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--moe", action="store_true",
+                        help="the FFN as the 16-expert / 1-shared / 4-active MoE")
+
+
 def decode_overrides(args: argparse.Namespace, attn: str) -> dict[str, Any]:
-    """The decoding benchmarks' model for one attention kind (rope, 4x MLP), as config keys."""
+    """The decoding benchmarks' model for one attention kind (rope, 4x MLP or, with --moe,
+    the MoE of moe_overrides), as config keys."""
     C, H = args.n_embd, args.n_head
     extra = {"mha": {}, "mqa": {}, "gqa": {"n_kv_heads": max(1, H // 4)},
              "mla": {"q_latent_dim": C // 2, "kv_latent_dim": C // 4,
                      "rope_head_dim": C // H // 2}}
+    ffn = moe_overrides(C) if getattr(args, "moe", False) else {"up_dim": 4 * C}
     return dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
-                block_size=args.block_size, up_dim=4 * C, pos_emb="rope", attn=attn,
-                **extra[attn])
+                block_size=args.block_size, pos_emb="rope", attn=attn, **ffn, **extra[attn])
 
 
 def environment(threads: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-from _common import add_model_args, decode_overrides, emit, environment
+from _common import add_model_args, add_moe_arg, decode_overrides, emit, environment
 
 
 def main() -> None:
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: steadiest on a shared machine)")
     parser.add_argument("--attn", nargs="*", default=["mha", "mqa", "gqa", "mla"])
+    add_moe_arg(parser)
     parser.add_argument("--no_recompute", action="store_true",
                         help="skip the (slow) full-recompute baseline")
     args = parser.parse_args()
@@ -109,7 +110,8 @@ def main() -> None:
         "env": env,
         "dims": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "block_size": args.block_size, "vocab_size": args.vocab_size,
-                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
+                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                 "ffn": "moe_16x1s4a" if args.moe else "mlp_4x"},
         "results": results,
         "min_fast_vs_cache": min(r["fast_vs_cache"] for r in results.values()),
         "min_top_k_screen_vs_full_head": min(r["fast_top_k_screen_vs_full_head"]

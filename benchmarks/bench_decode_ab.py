@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import add_model_args, decode_overrides, emit, environment
+from _common import add_model_args, add_moe_arg, decode_overrides, emit, environment
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,6 +73,7 @@ def main() -> None:
                         help="0: greedy (the default); > 0: seeded sampling")
     parser.add_argument("--top_k", type=int, default=None, help="sampling: keep the k likeliest")
     parser.add_argument("--attn", nargs="*", default=["mha", "mqa", "gqa", "mla"])
+    add_moe_arg(parser)
     args = parser.parse_args()
     if not (args.other / "llmctl" / "__init__.py").is_file():
         parser.error(f"{args.other} is not an llmctl checkout (no llmctl/__init__.py)")
@@ -122,7 +123,8 @@ def main() -> None:
         "env": env, "other": str(checkouts["other"]),
         "dims": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "block_size": args.block_size, "vocab_size": args.vocab_size,
-                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
+                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                 "ffn": "moe_16x1s4a" if args.moe else "mlp_4x"},
         "results": results,
         "min_ratio": min(ratios) if ratios else None,
         "min_median_paired_ratio": min(medians) if medians else None,

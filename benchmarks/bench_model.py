@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from _common import add_model_args, emit, environment, interleaved, median
+from _common import add_model_args, emit, environment, interleaved, median, moe_overrides
 
 
 def nanogpt_reference(n_layer: int, n_embd: int, n_head: int, vocab_size: int,
@@ -102,12 +102,11 @@ def main() -> None:
 
     C, H = args.n_embd, args.n_head
     dense_up = 4 * C
-    n_exp, n_shared, n_act = 16, 1, 4
-    expert_up = dense_up // n_act  # 4 active experts: the same FFN width per token as dense
+    moe = moe_overrides(C)
+    n_exp, n_shared, n_act, expert_up = (moe[k] for k in ("n_exp", "n_shared", "n_act",
+                                                          "up_dim"))
     base = dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
                 block_size=args.block_size, dropout=0.0)
-    moe = dict(moe=True, n_exp=n_exp, n_shared=n_shared, n_act=n_act, up_dim=expert_up,
-               coeff=0.01)
     configs = {
         "a_dense_gpt2": dict(attn="mha", pos_emb="learn", norm="layer", up_dim=dense_up,
                              non_linearity="gelu"),

@@ -86,6 +86,11 @@ def benchmarks(quick: bool, shared: Path | None,
         # the nanoGPT A/B alone in its process: co-running other models skews a pair by ~4 %
         "bench_model.py:nanogpt": ("bench_model.py", model + [
             "--only", "a_dense_gpt2", "nanogpt_reference", "--rounds", "4" if quick else "16"]),
+        # and the MoE as `auto` dispatches it on a CPU (torch's grouped GEMM) with its dense
+        # twin, alone
+        "bench_model.py:moe": ("bench_model.py", model + [
+            "--only", "d_moe_16x1s4a_grouped_mm", "dense_equal_active",
+            "--rounds", "4" if quick else "16"]),
         "bench_decode.py": ("bench_decode.py",
                             (small + ["--new_tokens", "64", "--rounds", "1"]) if quick else []),
         # the same decode at a character vocabulary (the head no longer dominates the bytes)
@@ -96,6 +101,10 @@ def benchmarks(quick: bool, shared: Path | None,
         "bench_decode.py:gpt2_vocab": ("bench_decode.py", ["--vocab_size", "50304",
                                        "--no_recompute"] + ((small + ["--new_tokens", "64",
                                        "--rounds", "1"]) if quick else [])),
+        # the same with the MoE FFN (16 experts, 1 shared, 4 active), two attention kinds
+        "bench_decode.py:moe": ("bench_decode.py", ["--moe", "--attn", "mha", "mla",
+                                                    "--no_recompute"] + (
+            (small + ["--new_tokens", "64", "--rounds", "1"]) if quick else [])),
         "bench_mla.py": ("bench_mla.py", ["--shapes", "char", "--rounds", "1", "--batch_size",
                                           "2"] if quick else []),
         "bench_trainer.py": ("bench_trainer.py",
@@ -103,6 +112,9 @@ def benchmarks(quick: bool, shared: Path | None,
     }
     if decode_against is not None:  # an earlier checkout: decode before / after, paired
         plan["bench_decode_ab.py"] = ("bench_decode_ab.py", [str(decode_against)] + (
+            small + ["--new_tokens", "64", "--runs", "2", "--rounds", "1"] if quick else []))
+        plan["bench_decode_ab.py:moe"] = ("bench_decode_ab.py", [
+            str(decode_against), "--moe", "--attn", "mha", "mla"] + (
             small + ["--new_tokens", "64", "--runs", "2", "--rounds", "1"] if quick else []))
     if shared and (shared / "tinyshakespeare.txt").is_file():
         plan["bench_recipe.py"] = ("bench_recipe.py", ["--text",
@@ -130,14 +142,22 @@ def _pair(row: dict[str, Any], kind: str) -> str:
             f"({row[f'{kind}_screen_vs_full_head']:.2f}×)")
 
 
+def _ffn(dims: dict[str, Any]) -> str:
+    """', MoE FFN (...)' for a decode run with the MoE, else nothing."""
+    return (", MoE FFN (16 experts, 1 shared, 4 active)" if dims.get("ffn") == "moe_16x1s4a"
+            else "")
+
+
 def _decode_table(decode: dict[str, Any]) -> list[str]:
     if "results" not in decode:
         return []
     dims = decode["dims"]
-    lines = [f"**Decoding** ({dims['n_layer']} layers × {dims['n_embd']}, vocab "
+    # the goals are the dense models' (the MoE's step is mostly its experts' weights)
+    goal = (lambda text: "") if _ffn(dims) else (lambda text: f" (goal {text})")
+    lines = [f"**Decoding** ({dims['n_layer']} layers × {dims['n_embd']}{_ffn(dims)}, vocab "
              f"{dims['vocab_size']}, {dims['new_tokens']} new tokens, batch 1, CPU time):", "",
-             "| attention | fast step tok/s | reference cache tok/s | fast / reference "
-              "(goal ≥ 2×) | recompute tok/s | cache / recompute (goal ≥ 3×) | same tokens "
+             "| attention | fast step tok/s | reference cache tok/s | fast / reference"
+             f"{goal('≥ 2×')} | recompute tok/s | cache / recompute{goal('≥ 3×')} | same tokens "
               "| sampling, screened / full head tok/s | top-k 200, screened / full head tok/s "
               "|",
               "| :-- | --: | --: | --: | --: | --: | :-- | --: | --: |"]
@@ -158,8 +178,9 @@ def _decode_ab_table(ab: dict[str, Any]) -> list[str]:
         return []
     dims = ab["dims"]
     lines = [f"**Decoding, this checkout vs `{ab['other']}`** (greedy `generate`, "
-             f"{dims['n_layer']} layers × {dims['n_embd']}, vocab {dims['vocab_size']}, "
-             f"{dims['new_tokens']} new tokens, batch 1, CPU time, alternating processes):", "",
+             f"{dims['n_layer']} layers × {dims['n_embd']}{_ffn(dims)}, vocab "
+             f"{dims['vocab_size']}, {dims['new_tokens']} new tokens, batch 1, CPU time, "
+             "alternating processes):", "",
              "| attention | other tok/s | this tok/s | best / best | paired runs (median) "
              "| same tokens |",
              "| :-- | --: | --: | --: | :-- | :-- |"]
@@ -196,20 +217,23 @@ def markdown(report: dict[str, Any]) -> str:
         goals = {"dense_step_time_vs_nanogpt": "≤ 1.0 (as fast as nanoGPT)",
                  "moe_grouped_mm_step_time_vs_dense_equal_active": "≤ 1.10",
                  "moe_loop_step_time_vs_dense_equal_active": "≤ 1.10"}
-        alone = r.get("bench_model.py:nanogpt", {}).get("ratios", {})
-        if alone.get("dense_step_time_vs_nanogpt") is not None:
-            key = "dense_step_time_vs_nanogpt"
-            rounds = r["bench_model.py:nanogpt"]["rounds"]
-            lines.append(f"| {key}, the pair alone in its process ({rounds} rounds) | "
-                         f"{alone[key]:.3f} | {goals[key]} |")
+        for run, key in (("bench_model.py:nanogpt", "dense_step_time_vs_nanogpt"),
+                         ("bench_model.py:moe",
+                          "moe_grouped_mm_step_time_vs_dense_equal_active")):
+            alone = r.get(run, {}).get("ratios", {})
+            if alone.get(key) is not None:
+                lines.append(f"| {key}, the pair alone in its process ({r[run]['rounds']} "
+                             f"rounds) | {alone[key]:.3f} | {goals[key]} |")
         for key, value in model["ratios"].items():
             if value is not None:
                 lines.append(f"| {key} | {_fmt(value, 3)} | {goals.get(key, '')} |")
         lines += ["", "(`a_dense_gpt2` and `dense_equal_active` are the same architecture, "
                   "so the gap between their rows shows this harness's noise.)", ""]
-    for key in ("bench_decode.py", "bench_decode.py:char", "bench_decode.py:gpt2_vocab"):
+    for key in ("bench_decode.py", "bench_decode.py:char", "bench_decode.py:gpt2_vocab",
+                "bench_decode.py:moe"):
         lines += _decode_table(r.get(key, {}))
     lines += _decode_ab_table(r.get("bench_decode_ab.py", {}))
+    lines += _decode_ab_table(r.get("bench_decode_ab.py:moe", {}))
     mla = r.get("bench_mla.py", {})
     if "results" in mla:
         d = mla["dims"]
