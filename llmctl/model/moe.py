@@ -15,9 +15,9 @@ k = n_act - n_shared; the n_shared shared experts run on every token (fused into
 width n_shared * up_dim, which equals the sum of n_shared separate MLPs).
 
 Dispatch is batched: the (token, expert) pairs are sorted by expert so each expert runs
-once on a contiguous slice (or all at once through `torch._grouped_mm`). A forward without
-gradients with fewer pairs than routed experts (a decoding step) multiplies each pair on its
-own instead (`RoutedExperts.few_rows`).
+once on a contiguous slice (or all at once through `torch._grouped_mm`). A forward on a CPU
+without gradients with fewer pairs than routed experts (a decoding step) multiplies each pair
+on its own instead (`RoutedExperts.few_rows`).
 """
 
 from __future__ import annotations
@@ -237,8 +237,9 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, C)
         scores, expert_idx, gates = self.route(flat)
         shared = self.shared(flat) if self.shared is not None else None
-        if (not self.training and not torch.is_grad_enabled()
-                and B * T * self.top_k <= self.n_routed):  # e.g. a decoding step
+        # a decoding step on a CPU (on CUDA reading the routing back would stall the stream)
+        if (not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and B * T * self.top_k <= self.n_routed):
             y = self.experts.few_rows(flat, expert_idx, gates, base=shared)  # (N, C)
             return self.drop(y.view(B, T, C)), scores.new_zeros(())
         counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_routed)  # (E,)
