@@ -48,8 +48,8 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     - CUDA: bf16 (its kernel's and its compile-time shape function's need), sm90+;
     - CPU: fp32 or bf16, torch >= 2.9, not inside torch.compile (whose shape function
       takes bf16 only). Its loop over the groups runs in C++: against the `loop` below,
-      a training step measured 0.99x (4 x 256 MoE, benchmarks/bench_model.py) to 0.96x
-      (2 x 128), greedy decoding 1.23x faster (most groups are empty at batch 1)."""
+      a training step measured 0.98-0.99x (4 x 256 MoE, benchmarks/bench_model.py) and
+      0.96x (2 x 128)."""
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
     if not (aligned and hasattr(torch, "_grouped_mm")):
         return False
@@ -133,7 +133,7 @@ class _LoopGroupedMM(torch.autograd.Function):
 
 def _filled_groups(counts: list[int]):
     """(group, its row slice) of each group with at least one row: an empty group's
-    products would only cost their call (most groups at batch-1 decoding)."""
+    products would only cost their calls."""
     start = 0
     for e, n in enumerate(counts):
         if n:
