@@ -44,7 +44,7 @@ def decode_overrides(args: argparse.Namespace, attn: str) -> dict[str, Any]:
     extra = {"mha": {}, "mqa": {}, "gqa": {"n_kv_heads": max(1, H // 4)},
              "mla": {"q_latent_dim": C // 2, "kv_latent_dim": C // 4,
                      "rope_head_dim": C // H // 2}}
-    ffn = moe_overrides(C) if getattr(args, "moe", False) else {"up_dim": 4 * C}
+    ffn = moe_overrides(C) if args.moe else {"up_dim": 4 * C}
     return dict(n_layer=args.n_layer, n_embd=C, n_head=H, vocab_size=args.vocab_size,
                 block_size=args.block_size, pos_emb="rope", attn=attn, **ffn, **extra[attn])
 
