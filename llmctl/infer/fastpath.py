@@ -10,12 +10,10 @@ with fewer, cheaper operations:
 - the step works on (B, C) rows; residual adds ride on the output projections, in place
   (`addmm_`: the residual row is not copied first);
 - on a CPU a projection whose output is at least as wide as its input is read from an
-  (in, out) contiguous copy made once per decoder (MKL's matrix-vector product streams that
-  layout 1.2-1.6x faster there, while a wider input streams faster in the weight's own
-  (out, in) rows: down projections stay as they are; no copies when they would take more
-  than a quarter of the free memory); the head's copy is made on first use, as steps that go
-  through its int8 screen never multiply by all of it. Where the step owns the query
-  weights' copy (CPU, fp32 / fp64) the softmax scale is folded into it;
+  (in, out) contiguous copy made once per decoder (`weight_layout`: MKL streams that layout
+  faster there; down projections stay as they are); the head's copy is made on first use,
+  as steps that go through its int8 screen never multiply by all of it. Where the step owns
+  the query weights' copy (CPU, fp32 / fp64) the softmax scale is folded into it;
 - RoPE tables are built once for the window, and queries and keys rotate together in three
   elementwise operations (exactly apply_rope's products and sums);
 - the one new query attends with two batched products and a softmax, grouped by KV head
@@ -59,17 +57,15 @@ from ..model.mlp import MLP, activate
 from ..model.moe import MoE
 from ..model.positional import Positions, sinusoidal
 from ..model.transformer import LLM, Block
-from ..runtime.device import available_memory
 from .greedy_head import ScreenedArgmax, full_argmax, head_logits
 from .sampled_head import ScreenedSampler
 from .sampling import mask_padding, sample_next, truncates_top_p
+from .weight_layout import copied, owns_copies, transposed, transposed_weights
 
 _POS_EMBS = ("learn", "sin", "rope")
 _ATTENTION = (CausalSelfAttention, MultiHeadLatentAttention)
 _FFN = (MLP, MoE)
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
-# column-major copies only while they take at most this share of the free memory
-_LAYOUT_MEMORY_SHARE = 0.25
 # MLA: W_uk is merged into the query up-projection while the merged matrix holds at most this
 # many numbers more than the two it replaces (about what the operations it saves cost, in
 # time, to stream from memory)
@@ -88,43 +84,6 @@ def supports(model: nn.Module) -> bool:
                for b in model.blocks)
 
 
-def _projection_weights(model: LLM, head: bool = True) -> list[torch.Tensor]:
-    """The 2-D weights the decoding step multiplies by as they are (not the embedding tables;
-    not MLA's down projections, which it joins into one matrix; the head's where `head`)."""
-    weights = [model.lm_head.weight] if head else []
-    for block in model.blocks:
-        attn, ffn = block.attn, block.ffn
-        if type(attn) is CausalSelfAttention:
-            weights += [attn.qkv.weight, attn.proj.weight]
-        else:
-            weights += [attn.q_up.weight, attn.proj.weight]
-        if type(ffn) is MLP:
-            weights += [ffn.up.weight, ffn.down.weight]
-    return weights
-
-
-def copy_pays(shape: tuple[int, int]) -> bool:
-    """Whether an (out, in) weight streams faster from an (in, out) copy at batch 1: where
-    out >= in (1.2-1.6x at 256 -> 1024 and 768 -> 3072 on a Zen 3 core, even at 768 -> 768);
-    a wider input is read faster in the weight's own rows (1.1-1.5x at 1024 -> 256 and
-    3072 -> 768)."""
-    out_features, in_features = shape
-    return out_features >= in_features
-
-
-def owns_copies(model: LLM) -> bool:
-    """Whether the step copies projection weights into (in, out) layout (those where
-    `copy_pays`): on a CPU with fp32 / fp64 weights, when the copies fit in a quarter of the
-    free memory."""
-    weights = _projection_weights(model)
-    if not all(w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
-               for w in weights):
-        return False
-    need = sum(w.numel() * w.element_size() for w in weights if copy_pays(w.shape))
-    free, _ = available_memory(weights[0].device)
-    return free is None or need <= _LAYOUT_MEMORY_SHARE * free
-
-
 def _weights_key(model: nn.Module) -> tuple | object:
     """What the prepared weights depend on: each parameter's identity, storage and version
     (an inference tensor has no version counter: a fresh key, never equal to another)."""
@@ -132,29 +91,6 @@ def _weights_key(model: nn.Module) -> tuple | object:
     if any(p.is_inference() for p in params):
         return object()
     return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-
-
-def transposed_weights(model: LLM, copy: bool | None = None,
-                       head: bool = True) -> dict[int, torch.Tensor]:
-    """{id(weight): weight^T as an (in, out) tensor} for every projection of the step (the
-    head's too where `head`): a contiguous copy when `copy` (default: `owns_copies(model)`)
-    and `copy_pays`, else the transposed view."""
-    if copy is None:
-        copy = owns_copies(model)
-    return {id(w): _transposed(w, copy) for w in _projection_weights(model, head)}
-
-
-def _copied(shape: tuple[int, int], copy: bool) -> bool:
-    """Whether the step reads an (out, in) weight of this shape from its own (in, out) copy:
-    where copies are made (`copy`) and `copy_pays`."""
-    return copy and copy_pays(shape)
-
-
-def _transposed(weight: torch.Tensor, copy: bool) -> torch.Tensor:
-    """weight^T: an (in, out) contiguous copy where `_copied`, else the transposed view."""
-    if _copied(weight.shape, copy):
-        return weight.detach().t().contiguous()
-    return weight.detach().t()
 
 
 class _Rotary:
@@ -262,7 +198,7 @@ class FastDecoder:
         """The head's (C, V) weights for the whole vocabulary's logits, in the step's layout
         (made on the first step that needs them)."""
         if self._head_t is None:
-            self._head_t = _transposed(self.model.lm_head.weight, self.owned)
+            self._head_t = transposed(self.model.lm_head.weight, self.owned)
         return self._head_t
 
     def _head_screen(self) -> ScreenedArgmax | None:
@@ -394,7 +330,7 @@ class _Layer:
         scale = 1.0 / math.sqrt(hd)
         # the softmax scale rides on the queries' weights where the step owns a copy of
         # them, or on the query norm's gains (QK-norm)
-        folded = (decoder.owned and attn.q_head_norm is not None) or _copied(
+        folded = (decoder.owned and attn.q_head_norm is not None) or copied(
             attn.qkv.weight.shape, decoder.owned)
         self.scale = None if folded else scale
         if attn.q_head_norm is None:
@@ -417,7 +353,7 @@ class _Layer:
         # (the join is a copy either way: an (in, out) one where a copy pays)
         down = (attn.q_down.weight.detach(), attn.kv_down.weight.detach())
         joined = (sum(w.shape[0] for w in down), down[0].shape[1])  # (ql + lat + r, C)
-        self.w_in = (torch.cat([w.t() for w in down], dim=1) if _copied(joined, decoder.owned)
+        self.w_in = (torch.cat([w.t() for w in down], dim=1) if copied(joined, decoder.owned)
                      else torch.cat(down).t())
         self.w_proj = wt[id(attn.proj.weight)]
         self.q_norm, self.kv_norm = _norm_fn(attn.q_norm), _norm_fn(attn.kv_norm)
@@ -433,7 +369,7 @@ class _Layer:
             merged = torch.cat((nope, w[..., hd:]), dim=-1) * attn.scale
             self.w_q = merged.reshape(ql, H * (lat + r)).to(w_q.dtype)
         # the softmax scale rides on the queries' weights where the step owns them
-        folded = self.absorbed or _copied(attn.q_up.weight.shape, decoder.owned)
+        folded = self.absorbed or copied(attn.q_up.weight.shape, decoder.owned)
         if not self.absorbed:
             self.w_q, self.w_uk = w_q, w_uk.contiguous()
             if folded:  # this layer's own copy

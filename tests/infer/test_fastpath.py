@@ -8,7 +8,8 @@ import torch
 from llmctl.config import load_config
 from llmctl.infer import greedy_head, sampled_head
 from llmctl.infer.decode import generate
-from llmctl.infer.fastpath import FastDecoder, supports, transposed_weights
+from llmctl.infer.fastpath import FastDecoder, supports
+from llmctl.infer.weight_layout import transposed_weights
 from llmctl.model import LLM
 
 MIXED = [
@@ -264,10 +265,10 @@ def test_cpu_fp32_weights_are_used_transposed_and_contiguous() -> None:
 
 
 def test_no_weight_copies_when_they_would_not_fit(monkeypatch) -> None:
-    import llmctl.infer.fastpath as fastpath
+    import llmctl.infer.weight_layout as weight_layout
 
     model = _model()
-    monkeypatch.setattr(fastpath, "available_memory", lambda device: (1000, "test"))
+    monkeypatch.setattr(weight_layout, "available_memory", lambda device: (1000, "test"))
     weights = transposed_weights(model)
     assert all(w.data_ptr() == p.data_ptr() for p in model.parameters()
                for w in [weights.get(id(p))] if w is not None)
