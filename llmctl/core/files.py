@@ -29,6 +29,8 @@ CONFIG_FILE_LIMIT = 16 << 20  # YAML / JSON config files and JSONL layer files
 PROMPT_LIMIT = 16 << 20  # sample --prompt_file / stdin: far beyond any block_size
 EVAL_TEXT_LIMIT = 256 << 20  # eval --text: held whole; larger corpora go through prepare
 CHECKPOINT_JSON_LIMIT = 64 << 20  # config.json / trainer_state.json in a checkpoint
+DATASET_META_LIMIT = 64 << 20  # meta.json of a prepared dataset (a char vocabulary at most)
+JSONL_RECORD_LIMIT = 16 << 20  # one line of a JSONL file read record by record (metrics, chat rows)
 _CHUNK = 1 << 20
 
 

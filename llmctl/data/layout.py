@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import LlmctlError
+from ..core.files import DATASET_META_LIMIT, read_user_file
 from .registry import DATASETS
 
 FORMAT_VERSION = 1
@@ -51,13 +52,13 @@ def prepare_hint(name: str, data_dir: str | Path) -> str:
 def read_meta(folder: Path) -> dict[str, Any]:
     """meta.json of a prepared dataset folder, checked for the keys readers rely on."""
     path = folder / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise LlmctlError(f"{folder} has no {META_FILE}: it is not a finished dataset (an "
                           f"interrupted prepare?); run `{prepare_hint(folder.name, folder.parent)}"
-                          " --force`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                          " --force`")
+    try:  # bounded, regular files only: a FIFO or a device named meta.json must not hang
+        meta = json.loads(read_user_file(path, "dataset description", DATASET_META_LIMIT))
+    except (LlmctlError, json.JSONDecodeError) as err:
         raise LlmctlError(f"{path} is unreadable or corrupt ({err}); run "
                           f"`{prepare_hint(folder.name, folder.parent)} --force`") from None
     problems = _meta_problems(meta)

@@ -24,7 +24,14 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import LlmctlError, one_of
-from ..core.files import file_kind, move, swap_folder, write_bytes_atomic, write_json_atomic
+from ..core.files import (
+    file_kind,
+    move,
+    read_user_file,
+    swap_folder,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from . import layout
 from .chat import MASK_SUFFIX, OFFSETS_SUFFIX
 from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
@@ -36,6 +43,7 @@ from .sources.base import SourcePlan
 from .sources.hub import hub_plan
 from .sources.text import local_plan
 from .sources.url import is_url, probe_url, url_plan
+from .tokenizer_base import MAX_TOKENIZER_BYTES
 from .tokenizers import TIKTOKEN_FILE_ENV, CharTokenizer, Tokenizer, create_tokenizer
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -228,9 +236,10 @@ def _fingerprint(opts: PrepareOptions, name: str) -> dict[str, Any]:
         folder = Path(opts.tokenizer.removeprefix("hf:")).expanduser()
         file = folder / "tokenizer.json" if folder.is_dir() else folder
     file_sha = None
-    if file:
-        with contextlib.suppress(OSError):
-            file_sha = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    if file and (Path(file).exists() or Path(file).is_symlink()):  # else: the tokenizer says
+        # bounded, regular files only (a FIFO or /dev/zero must not hang or fill the memory)
+        data = read_user_file(file, "tokenizer file", MAX_TOKENIZER_BYTES, text=False)
+        file_sha = hashlib.sha256(data).hexdigest()
     extra = {"bpe_vocab": opts.bpe_vocab} if opts.tokenizer == "bpe" else {}
     return {**extra, "dataset": dataset, "source": source,
             "tokenizer": opts.tokenizer or "gpt2",
@@ -348,8 +357,9 @@ def _embedded_shakespeare(downloads: Path, text_field: str) -> SourcePlan:
     """The Tiny Shakespeare copy inside llmctl, unpacked once under DATA_DIR/.downloads."""
     data = shakespeare_bytes()
     path = downloads / "embedded-tinyshakespeare.txt"
-    try:
-        current = path.read_bytes() if path.is_file() else None
+    try:  # read back only a file of the copy's size (it is ours, but under a user's folder)
+        current = (path.read_bytes() if path.is_file() and path.stat().st_size == len(data)
+                   else None)
         if current != data:
             downloads.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(path, data)

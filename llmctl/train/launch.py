@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import LlmctlError
-from ..core.files import write_json_atomic
+from ..core.files import CHECKPOINT_JSON_LIMIT, read_user_file, write_json_atomic
 from .resume import resolve_run_config
 
 # Set by the launcher for its workers: its pid (workers exit if it is already gone) and the
@@ -127,8 +127,8 @@ def report_worker_error(rank: int, err: LlmctlError) -> bool:
 def _worker_errors(folder: Path) -> list[dict[str, Any]]:
     found = []
     for path in folder.glob("rank*.json"):
-        with contextlib.suppress(OSError, ValueError):
-            note = json.loads(path.read_text(encoding="utf-8"))
+        with contextlib.suppress(LlmctlError, ValueError):  # a worker's note: small, regular
+            note = json.loads(read_user_file(path, "worker note", CHECKPOINT_JSON_LIMIT))
             if isinstance(note, dict) and isinstance(note.get("message"), str):
                 found.append(note)
     return sorted(found, key=lambda note: note.get("rank", 0))

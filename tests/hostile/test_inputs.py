@@ -194,6 +194,27 @@ def test_prepare_source_device_and_fifo(tmp_path):
     assert not data.exists() or not any(data.iterdir())
 
 
+def test_prepare_tokenizer_file_device_and_fifo(tmp_path):
+    """The tokenizer file is fingerprinted before any work: with the bounded reader."""
+    data = tmp_path / "data"
+    fifo = tmp_path / "ranks.fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((_symlink(tmp_path, "ranks", "/dev/zero"), "character device"),
+                       (fifo, "FIFO")):
+        assert_refused(run_cli("prepare", "shakespeare", "--tokenizer_file", path,
+                               "--data_dir", data, timeout=30), "tokenizer file", kind)
+
+
+def test_dataset_meta_json_that_never_ends(tmp_path):
+    """A prepared dataset's meta.json is read with a bound: a FIFO there is refused."""
+    folder = tmp_path / "data" / "odd"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "meta.json")
+    assert_refused(run_cli("train", "--dataset", "odd", "--data_dir", tmp_path / "data",
+                           "--out_dir", tmp_path / "out", "--max_iters", "1", timeout=30),
+                   "meta.json", "FIFO", "--force")
+
+
 class _CountingPattern:
     """The cut regex, counting the characters each search may scan."""
 
