@@ -15,11 +15,15 @@ from typing import Any
 
 from ..config.loader import load_config
 from ..config.schema import LLMConfig, RunConfig
+from ..config.validate import MAX_LAYERS
 from ..core.errors import ConfigError, LlmctlError
+from ..core.files import CHECKPOINT_JSON_LIMIT, read_user_file
 from . import deepseek, gpt2, llama, remote
 from .adapter import EXACT_FILE, EXACT_PREFIX, Adapter, ImportRefused, StateDict
 
 PREFIX = "hf:"
+# config.json keys that count layers, in the families' configs
+LAYER_COUNT_KEYS = ("n_layer", "num_hidden_layers", "first_k_dense_replace")
 ADAPTERS: dict[str, Adapter] = {"gpt2": gpt2.ADAPTER, "llama": llama.ADAPTER,
                                 "deepseek_v2": deepseek.V2, "deepseek_v3": deepseek.V3,
                                 "llmctl": remote.ADAPTER}
@@ -52,13 +56,40 @@ def hf_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file of a transformers folder, read with a bound (regular files
+    only); anything else is an LlmctlError naming the file."""
+    text = read_user_file(path, what, CHECKPOINT_JSON_LIMIT)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LlmctlError(f"{what} {path} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise LlmctlError(f"{what} {path} is not a JSON object")
+    return value
+
+
+def _shard_files(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json names: file names inside its folder."""
+    weight_map = read_json_object(index, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LlmctlError(f"{index} has no weight_map object (tensor name -> shard file)")
+    files = set(weight_map.values())
+    bad = sorted(repr(f) for f in files if not isinstance(f, str) or Path(f).name != f
+                 or f in ("", ".", ".."))
+    if bad:
+        raise LlmctlError(f"{index}: a shard must be a file name in its folder, not "
+                          f"{', '.join(bad[:3])}")
+    return sorted(files)
+
+
 def read_hf_weights(folder: Path) -> StateDict:
     """model.safetensors, or the shards its index names; pickled weights are refused."""
     from safetensors import SafetensorError, safe_open
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _shard_files(index)
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -98,13 +129,31 @@ def _tokenizer(folder: Path, hf: dict[str, Any]) -> tuple[dict[str, Any], Any]:
 def load_hf(path: str | os.PathLike) -> HFModel:
     """The llmctl model of a transformers folder: (config, state dict, tokenizer)."""
     folder = hf_folder(path)
-    hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    hf = read_json_object(folder / "config.json", "transformers config")
     kind = hf.get("model_type")
-    adapter = ADAPTERS.get(kind)
+    adapter = ADAPTERS.get(kind) if isinstance(kind, str) else None
     if adapter is None:
         raise ImportRefused(f"{folder}: model type {kind!r} is not in llmctl's architecture "
                             f"space (importable: {', '.join(ADAPTERS)})")
-    config = adapter.from_hf_config(hf)
+    step = hf.get("llmctl_source_step", 0)
+    if type(step) is not int or step < 0:
+        raise LlmctlError(f"{folder}/config.json: llmctl_source_step must be a whole number "
+                          f">= 0, got {step!r}")
+    # the adapters build one block per layer: counts are checked before any is built
+    bad = [f"{key}={hf[key]!r}" for key in LAYER_COUNT_KEYS if key in hf and (
+        type(hf[key]) is not int or not 0 <= hf[key] <= MAX_LAYERS)]
+    if bad:
+        raise ImportRefused(f"{folder}/config.json: {', '.join(bad)} (a layer count is a whole "
+                            f"number from 0 to {MAX_LAYERS:,})")
+    try:
+        config = adapter.from_hf_config(hf)
+    except KeyError as err:
+        raise ImportRefused(f"{folder}/config.json: this {kind} config has no {err} "
+                            "field") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as err:
+        # a field of the wrong kind (a string where a number belongs, a list for a mapping)
+        raise ImportRefused(f"{folder}/config.json: a field of this {kind} config has the "
+                            f"wrong type or value ({type(err).__name__}: {err})") from None
     model = dataclasses.asdict(config)
     layers = model.pop("layers")
     try:
@@ -127,7 +176,7 @@ def load_hf(path: str | os.PathLike) -> HFModel:
     if tok.vocab_size > run.model.vocab_size:
         raise LlmctlError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, the model "
                           f"only {run.model.vocab_size}")
-    return HFModel(folder, adapter.name, run, sd, spec, tok, int(hf.get("llmctl_source_step", 0)))
+    return HFModel(folder, adapter.name, run, sd, spec, tok, step)
 
 
 def _check_fits(sd: StateDict, config: LLMConfig, folder: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import LlmctlError
+from ..core.files import CHECKPOINT_JSON_LIMIT, read_user_file
 from .hf_import import hf_folder, is_hf_path, load_hf
 
 IMPORT_FOLDER = "init_from_hf"  # inside the run folder: the imported checkpoint
@@ -54,7 +55,8 @@ def source_fingerprint(path: str) -> str:
     """What identifies a transformers folder's content cheaply: its config.json and the
     names, sizes and modification times of its files."""
     folder = hf_folder(path)
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    digest = hashlib.sha256(read_user_file(folder / "config.json", "transformers config",
+                                           CHECKPOINT_JSON_LIMIT, text=False))
     for entry in sorted(folder.iterdir()):
         if entry.is_file():
             info = entry.stat()
@@ -64,8 +66,9 @@ def source_fingerprint(path: str) -> str:
 
 def _imported_already(path: str, folder: Path) -> bool:
     try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = json.loads(read_user_file(folder / "config.json", "checkpoint config",
+                                        CHECKPOINT_JSON_LIMIT))
+    except (LlmctlError, ValueError):
         return False
     done = raw.get("imported_from") if isinstance(raw, dict) else None
     return isinstance(done, dict) and done.get("path") == str(hf_folder(path)) and \

@@ -215,6 +215,66 @@ def test_unknown_model_type_and_pickles_are_refused(tmp_path):
     assert "not a transformers folder" in _refusal(tmp_path / "nowhere")
 
 
+GPT2_CONFIG = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2,
+               "vocab_size": 64, "n_positions": 16}
+BAD_CONFIGS = {  # config.json -> what the refusal says (checked as data before any work)
+    "{not json": "is not valid JSON",
+    "[1, 2]": "is not a JSON object",
+    json.dumps({"model_type": ["gpt2"]}): "model type ['gpt2'] is not in llmctl's",
+    json.dumps({**GPT2_CONFIG, "n_layer": 1e300}): "n_layer=1e+300 (a layer count is",
+    json.dumps({"model_type": "deepseek_v3", "num_hidden_layers": 2,
+                "first_k_dense_replace": 10**8}): "first_k_dense_replace=100000000",
+    json.dumps({"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32}):
+        "this llama config has no 'num_attention_heads' field",
+    json.dumps({**GPT2_CONFIG, "layer_norm_epsilon": "small"}): "wrong type or value",
+    json.dumps({**GPT2_CONFIG, "n_embd": "wide"}): "wrong type or value",
+    json.dumps({**GPT2_CONFIG, "llmctl_source_step": "7"}): "llmctl_source_step must be",
+}
+
+
+@pytest.mark.parametrize("text", list(BAD_CONFIGS), ids=range(len(BAD_CONFIGS)))
+def test_a_malformed_config_json_is_refused_with_its_reason(text, tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    assert BAD_CONFIGS[text] in _refusal(folder)
+
+
+def test_a_config_json_that_is_a_fifo_or_too_large_is_not_read(tmp_path, monkeypatch):
+    import os
+
+    from llmctl.core.errors import LlmctlError
+    from llmctl.interop import hf_import
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(GPT2_CONFIG) + " " * 100)
+    monkeypatch.setattr(hf_import, "CHECKPOINT_JSON_LIMIT", 64)
+    with pytest.raises(LlmctlError, match="larger than 64 B"):
+        hf_import.load_hf(f"hf:{folder}")
+    # a FIFO named config.json: refused by the folder check without opening it (no hang)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(LlmctlError, match="not a transformers folder"):
+        hf_import.load_hf(f"hf:{folder}")
+
+
+@pytest.mark.parametrize("index, reason", [
+    ("[1]", "is not a JSON object"),
+    (json.dumps({"weight_map": []}), "has no weight_map object"),
+    (json.dumps({"weight_map": {"wte.weight": "../outside.safetensors"}}),
+     "a shard must be a file name in its folder, not '../outside.safetensors'"),
+    (json.dumps({"weight_map": {"wte.weight": 3}}), "not 3"),
+])
+def test_a_malformed_weight_index_is_refused(index, reason, checkpoint, tmp_path):
+    from llmctl.interop.hf_export import export_checkpoint
+
+    folder = tmp_path / "hf"
+    export_checkpoint(checkpoint(CASES["gpt2"][0]), folder)
+    (folder / "model.safetensors.index.json").write_text(index)
+    assert reason in _refusal(folder)
+
+
 def test_sample_and_eval_hf_path_equal_the_checkpoint(checkpoint, tmp_path):
     from llmctl.interop.hf_export import export_checkpoint
 
