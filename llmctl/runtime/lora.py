@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config.schema import LORA_GROUPS
 from ..core.errors import LlmctlError
+from ..core.files import CHECKPOINT_JSON_LIMIT, read_user_file
 
 if TYPE_CHECKING:
     import torch
@@ -174,8 +177,36 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     from safetensors.torch import load_file
 
     try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config = json.loads(read_user_file(folder / ADAPTER_CONFIG, "adapter config",
+                                           CHECKPOINT_JSON_LIMIT))
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (OSError, ValueError, SafetensorError) as err:
+    except (LlmctlError, OSError, ValueError, SafetensorError) as err:
         raise LlmctlError(f"the adapter in {folder} is missing or unreadable ({err})") from None
+    problems = _adapter_config_problems(config)
+    if problems:
+        raise LlmctlError(f"the adapter config {folder / ADAPTER_CONFIG} is not valid: "
+                          + "; ".join(problems))
     return config, tensors
+
+
+def _adapter_config_problems(config: Any) -> list[str]:
+    """What is wrong with an adapter_config.json's fields (checked as data, all at once)."""
+    if not isinstance(config, dict):
+        return ["not a JSON object"]
+    problems = []
+    rank = config.get("r")
+    if type(rank) is not int or rank < 1:
+        problems.append(f"r must be a whole number >= 1, got {rank!r}")
+    alpha = config.get("lora_alpha")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
+    targets = config.get("targets")
+    if (not isinstance(targets, list) or not targets
+            or not all(isinstance(t, str) and t in LORA_GROUPS for t in targets)):
+        problems.append(f"targets must be a list of {', '.join(LORA_GROUPS)}, got {targets!r}")
+    rows = config.get("added_token_rows")
+    if rows is not None and not (isinstance(rows, list) and len(rows) == 2
+                                 and all(type(r) is int for r in rows) and 0 <= rows[0] < rows[1]):
+        problems.append(f"added_token_rows must be null or [first, end) with 0 <= first < end, "
+                        f"got {rows!r}")
+    return problems

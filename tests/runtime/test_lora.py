@@ -106,3 +106,29 @@ def test_aux_free_routing_biases_travel_with_the_adapter():
     with pytest.raises(LlmctlError, match="missing blocks.0.ffn.expert_bias"):
         lora.load_adapter_tensors(fresh, {k: v for k, v in saved.items()
                                           if "bias" not in k}, None, "test")
+
+
+GOOD_ADAPTER = {"peft_type": "LORA", "r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+                "targets": ["attention"], "base": {}, "added_token_rows": None}
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("r", "4", "r must be a whole number >= 1, got '4'"),
+    ("r", 0, "r must be a whole number >= 1"),
+    ("lora_alpha", None, "lora_alpha must be a finite number"),
+    ("lora_alpha", float("inf"), "lora_alpha must be a finite number"),
+    ("targets", ["attention", "embeddings"], "targets must be a list of attention, mlp"),
+    ("targets", "attention", "targets must be a list of"),
+    ("added_token_rows", [5, 2], "added_token_rows must be null or [first, end)"),
+])
+def test_an_adapter_config_is_checked_as_data(field, value, reason, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / lora.ADAPTER_WEIGHTS)
+    (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps({**GOOD_ADAPTER, field: value}))
+    with pytest.raises(LlmctlError, match="adapter config .* is not valid") as err:
+        lora.read_adapter(tmp_path)
+    assert reason in str(err.value)
+    (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps(GOOD_ADAPTER))
+    config, tensors = lora.read_adapter(tmp_path)  # the good one passes
+    assert config["r"] == 4 and set(tensors) == {"x"}
