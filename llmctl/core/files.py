@@ -67,6 +67,18 @@ def _read_bounded(f: IO[Any], limit: int) -> bytes | str | None:
     return "".join(parts) if parts and isinstance(parts[0], str) else b"".join(parts)
 
 
+def bounded_lines(f: IO[str], limit: int) -> Iterator[str | None]:
+    """The lines of a text stream, each of at most `limit` characters (its newline aside); a
+    longer one is read past in chunks, never held whole, and given as None."""
+    while line := f.readline(limit + 1):
+        if len(line) <= limit or line.endswith("\n"):
+            yield line
+            continue
+        while (rest := f.readline(_CHUNK)) and not rest.endswith("\n"):
+            pass
+        yield None
+
+
 def read_user_file(path: str | os.PathLike, what: str, limit: int, *,
                    allow_stdin: bool = False, text: bool = True,
                    stdin: IO[Any] | None = None) -> str | bytes:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import LlmctlError
+from ..core.files import JSONL_RECORD_LIMIT, bounded_lines
 from .tokenizers import ExtendedTokenizer, Tokenizer
 
 USER, ASSISTANT, SYSTEM, END_OF_TURN = "<|user|>", "<|assistant|>", "<|system|>", "<|endofturn|>"
@@ -81,7 +82,11 @@ def read_conversations(path: Path) -> list[list[Message]]:
     conversations, problems = [], []
     try:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in enumerate(bounded_lines(f, JSONL_RECORD_LIMIT), 1):
+                if line is None:
+                    problems.append(f"line {lineno}: longer than {JSONL_RECORD_LIMIT:,} "
+                                    "characters")
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..core.errors import LlmctlError
-from ..core.files import atomic_file
+from ..core.files import JSONL_RECORD_LIMIT, atomic_file, bounded_lines
 from ..core.units import human_count, human_duration
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,10 +73,10 @@ def _truncate(fd: int, size: int) -> None:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in bounded_lines(f, JSONL_RECORD_LIMIT):  # an endless line is no record
             try:
-                record = json.loads(line)
+                record = json.loads(line) if line is not None else None
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict):

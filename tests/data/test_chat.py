@@ -80,6 +80,16 @@ def test_malformed_rows_are_reported_by_line_and_nothing_is_left(tmp_path):
     assert not list((tmp_path / "data").glob(".chat*"))
 
 
+def test_a_row_longer_than_the_record_limit_is_reported_not_held(tmp_path, monkeypatch):
+    from llmctl.data import chat
+
+    monkeypatch.setattr(chat, "JSONL_RECORD_LIMIT", 1000)
+    long_row = {"messages": [{"role": "user", "content": "a" * 5000},
+                             {"role": "assistant", "content": "b"}]}
+    with pytest.raises(LlmctlError, match="line 2: longer than 1,000 characters"):
+        _prepare(tmp_path, [TWO_TURNS, long_row, TWO_TURNS])
+
+
 def test_batches_hold_whole_conversations_from_their_start(tmp_path):
     folder = _prepare(tmp_path, [TWO_TURNS, SHAREGPT] * 4)
     ds = PreparedDataset(folder)

@@ -41,6 +41,24 @@ def test_torn_last_line_is_skipped(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1]
 
 
+def test_a_line_longer_than_the_record_limit_is_skipped_unread(tmp_path, monkeypatch):
+    """An endless line (a metrics.jsonl replaced by garbage) is read past in chunks, never
+    held whole, and the records after it still count."""
+    import io
+
+    from llmctl.core.files import bounded_lines
+    from llmctl.train import metrics
+
+    lines = list(bounded_lines(io.StringIO("ab\n" + "x" * 5000 + "\ncd\nefgh"), 4))
+    assert lines == ["ab\n", None, "cd\n", "efgh"]
+    assert list(bounded_lines(io.StringIO("abcd\nabcde"), 4)) == ["abcd\n", None]
+    monkeypatch.setattr(metrics, "JSONL_RECORD_LIMIT", 2000)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_record(1)) + "\n" + '{"kind": "' + "z" * 10**6 + '"}\n'
+                    + json.dumps(_record(2)) + "\n")
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
 def _fill(folder) -> None:
     """Use up every byte of the filesystem holding `folder`."""
     with open(folder / "filler", "wb", buffering=0) as f:
