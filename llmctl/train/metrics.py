@@ -79,9 +79,40 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 record = json.loads(line) if line is not None else None
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict):
+            record = checked_record(record)
+            if record is not None:
                 records.append(record)
     return records
+
+
+# the fields readers compute with (compare, the loss plot), by kind of value
+_NUMBERS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "tokens", "time",
+            "train_loss", "val_loss", "aux_loss")
+_NUMBER_LISTS = ("mtp_loss", "imbalance")
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def checked_record(record: Any) -> dict[str, Any] | None:
+    """A metrics record as data: None unless a JSON object with a string `kind` and a whole
+    `step` >= 0; a known field of the wrong kind of value (a string loss, an infinite time) is
+    None, as an unknown value is written."""
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        return None
+    step = record.get("step")
+    if type(step) is not int or step < 0:
+        return None
+    record = dict(record)
+    for key in _NUMBERS:
+        if key in record and not _is_number(record[key]):
+            record[key] = None
+    for key in _NUMBER_LISTS:
+        value = record.get(key)
+        if key in record and not (isinstance(value, list) and all(map(_is_number, value))):
+            record[key] = None
+    return record
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:

@@ -164,3 +164,37 @@ def test_loss_curve_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curve.png"]
+
+
+def test_records_are_checked_as_data(tmp_path):
+    """What compare and the loss plot compute with has the right kind of value: a record
+    without a whole step is dropped, a known field of the wrong kind reads as unknown."""
+    path = tmp_path / "metrics.jsonl"
+    rows = ['{"kind": "train", "step": "x", "loss": 1.0}', '[1, 2]', '{"step": 3}',
+            '{"kind": "train", "step": -1, "loss": 1.0}',
+            '{"kind": "train", "step": 1, "loss": "abc", "tokens": [1], "time": 1e400, '
+            '"imbalance": [0.5, "x"], "lr": true}',
+            '{"kind": "eval", "step": 2, "val_loss": 1.5, "mtp_loss": [0.1, 0.2]}']
+    path.write_text("\n".join(rows) + "\n")
+    train, val = read_metrics(path)
+    assert train == {"kind": "train", "step": 1, "loss": None, "tokens": None, "time": None,
+                     "imbalance": None, "lr": None}
+    assert val == {"kind": "eval", "step": 2, "val_loss": 1.5, "mtp_loss": [0.1, 0.2]}
+
+
+def test_compare_reads_a_garbled_metrics_file_without_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"kind": "train", "step": "x", "loss": "abc"}\n'
+        '{"kind": "eval", "step": 1, "val_loss": {"a": 1}}\n'
+        '{"kind": "train", "step": 2, "loss": 2.5, "tokens": 64, "time": 1.0}\n')
+    result = CliRunner().invoke(app, ["compare", str(run), "--json", "--output",
+                                      str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)["runs"][0]
+    assert row["step"] == 2 and row["final_train_loss"] == 2.5 and row["best_val_loss"] is None
