@@ -50,7 +50,7 @@ def is_hf_path(path: str | os.PathLike) -> bool:
 
 def hf_folder(path: str | os.PathLike) -> Path:
     folder = Path(str(path).removeprefix(PREFIX)).expanduser()
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").exists():  # a FIFO or device there: the reader says so
         raise LlmctlError(f"{folder} is not a transformers folder (no config.json); hf:PATH "
                           "takes a local folder (download Hub models first)")
     return folder

@@ -252,10 +252,10 @@ def test_a_config_json_that_is_a_fifo_or_too_large_is_not_read(tmp_path, monkeyp
     monkeypatch.setattr(hf_import, "CHECKPOINT_JSON_LIMIT", 64)
     with pytest.raises(LlmctlError, match="larger than 64 B"):
         hf_import.load_hf(f"hf:{folder}")
-    # a FIFO named config.json: refused by the folder check without opening it (no hang)
+    # a FIFO named config.json: refused without waiting for a writer
     (folder / "config.json").unlink()
     os.mkfifo(folder / "config.json")
-    with pytest.raises(LlmctlError, match="not a transformers folder"):
+    with pytest.raises(LlmctlError, match="config.json is a FIFO"):
         hf_import.load_hf(f"hf:{folder}")
 
 
