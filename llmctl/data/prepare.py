@@ -8,7 +8,6 @@ same settings is not redone unless `force`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -28,12 +27,11 @@ from ..core.files import (
     file_kind,
     move,
     read_user_file,
-    swap_folder,
     write_bytes_atomic,
     write_json_atomic,
 )
 from . import layout
-from .chat import MASK_SUFFIX, OFFSETS_SUFFIX
+from .dataset_folder import DataDirNotWritable, existing_dataset, install, lock
 from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
 from .hf_tokenizer import is_hf_tokenizer
 from .pipeline import SplitWriter, TokenizerPool, batch_pieces, worker_count
@@ -52,9 +50,6 @@ SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/d
 # corpus) instead of using the copy embedded in llmctl, as `--source URL` would.
 SHAKESPEARE_URL_ENV = "LLMCTL_SHAKESPEARE_URL"
 DOWNLOADS = ".downloads"  # under DATA_DIR: fetched source files, reused by later runs
-_OUR_FILES = {"train.bin", "val.bin", "all.bin", layout.META_FILE, "tokenizer.tiktoken",
-              *(s + suffix for s in layout.SPLITS for suffix in (MASK_SUFFIX, OFFSETS_SUFFIX)),
-              "tokenizer.json"}
 FORMATS = ("text", "chat")
 
 
@@ -109,18 +104,14 @@ def prepare_dataset(opts: PrepareOptions) -> PrepareResult:
     fingerprint = _fingerprint(opts, name)
     final = data_dir / name
     try:
-        with _lock(data_dir, name):
+        with lock(data_dir, name):
             return _prepare_locked(opts, name, data_dir, fingerprint, start)
     except DataDirNotWritable:
         # nothing can be written here; a finished dataset with these settings needs nothing
-        existing = None if opts.force else _existing(final, fingerprint, force=False)
+        existing = None if opts.force else existing_dataset(final, fingerprint, force=False)
         if existing is None:
             raise
         return PrepareResult(final, existing, True, time.perf_counter() - start)
-
-
-class DataDirNotWritable(LlmctlError):
-    """The data_dir refuses new files (read-only filesystem, no permission, ...)."""
 
 
 def _prepare_locked(opts: PrepareOptions, name: str, data_dir: Path,
@@ -129,7 +120,7 @@ def _prepare_locked(opts: PrepareOptions, name: str, data_dir: Path,
     for stale in [*data_dir.glob(f".{name}.partial-*"), *data_dir.glob(f".{name}.old-*")]:
         # left by a killed run; the lock says none is running
         shutil.rmtree(stale, ignore_errors=True)
-    existing = _existing(final, fingerprint, opts.force)
+    existing = existing_dataset(final, fingerprint, opts.force)
     if existing is not None:
         return PrepareResult(final, existing, True, time.perf_counter() - start)
     partial = data_dir / f".{name}.partial-{os.getpid()}"
@@ -140,7 +131,7 @@ def _prepare_locked(opts: PrepareOptions, name: str, data_dir: Path,
     try:
         build = _build_chat if opts.format == "chat" else _build
         meta = build(opts, name, data_dir, partial, fingerprint, start)
-        _install(partial, final)
+        install(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -257,75 +248,6 @@ def _spec_digest(spec: dict[str, Any] | None) -> str | None:
     import json
 
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def _lock(data_dir: Path, name: str) -> Iterator[None]:
-    """One prepare per dataset name at a time (released by the OS even on SIGKILL)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
-        yield
-        return
-    path = data_dir / f".{name}.lock"
-    busy = LlmctlError(f"another `llmctl prepare` is writing {data_dir / name} right now; "
-                       "wait for it to finish")
-    try:
-        f = open(path, "a+")  # noqa: SIM115 - closed below, after the unlock
-    except OSError as err:
-        raise DataDirNotWritable(f"cannot write to data_dir {data_dir}: "
-                                 f"{err.strerror or err} (creating {path}); choose another "
-                                 "--data_dir") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy from None
-        try:  # the file may have been unlinked by the run that held it
-            if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
-                raise busy
-        except FileNotFoundError:
-            raise busy from None
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _existing(final: Path, fingerprint: dict[str, Any], force: bool) -> dict[str, Any] | None:
-    """meta.json of a finished dataset with these settings; None when it must be (re)made."""
-    if not final.exists():
-        return None
-    if not final.is_dir():
-        raise LlmctlError(f"{final} exists and is not a folder; remove it or choose --name")
-    others = sorted(p.name for p in final.iterdir() if p.name not in _OUR_FILES)
-    try:
-        meta = layout.read_meta(final)
-        layout.check_split_files(final, meta)
-    except LlmctlError:  # an unfinished or damaged dataset: redone, if only ours is there
-        meta = None
-    if meta is None or force:
-        if others:  # replacing the folder would delete them
-            raise LlmctlError(f"{final} holds files that prepare did not write "
-                              f"({', '.join(others[:5])}); move them or choose --name")
-        return None
-    old = meta.get("options", {})
-    changed = [f"{key}: {old.get(key)!r} before, {value!r} now"
-               for key, value in fingerprint.items() if old.get(key) != value]
-    if changed:
-        raise LlmctlError(f"{final} is already prepared with other settings ("
-                          f"{'; '.join(changed)}); pass --force to replace it, or --name to "
-                          "prepare a separate dataset")
-    return meta
-
-
-def _install(partial: Path, final: Path) -> None:
-    """Swap the finished partial folder into place (the old dataset goes only after)."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    swap_folder(partial, final, old)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- building

@@ -321,7 +321,7 @@ def test_any_url_source_goes_through_the_same_readers(http_server, tmp_path):
 
 
 def test_one_prepare_per_name_at_a_time(shakespeare_txt, tmp_path):
-    from llmctl.data.prepare import _lock
+    from llmctl.data.dataset_folder import lock as _lock
 
     with _lock(tmp_path, "sh"), pytest.raises(LlmctlError, match="another `llmctl prepare`"):
         prepare_dataset(_options(tmp_path, source=str(shakespeare_txt), name="sh",
