@@ -25,7 +25,8 @@ from ..config import ConfigError, RunConfig, load_config
 from ..core.bounds import loads_json
 from ..core.errors import LlmctlError
 from ..core.files import CHECKPOINT_JSON_LIMIT, move, read_user_file, swap_folder, write_json_atomic
-from .checkpoint_data import check_config_json, check_trainer_state
+from .checkpoint_data import CheckpointError, check_config_json, check_trainer_state
+from .weights_header import check_header
 
 if TYPE_CHECKING:
     import torch
@@ -34,12 +35,10 @@ FORMAT = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 OPTIMIZER = "optimizer.pt"
+OPTIMIZER_SIZE_FACTOR = 3  # times model.safetensors' size, plus the slack below
+OPTIMIZER_SLACK = 64 << 20  # step counts, names and archive records
 TRAINER_STATE = "trainer_state.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-
-
-class CheckpointError(LlmctlError):
-    pass
 
 
 @dataclass
@@ -254,8 +253,23 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
                           raw=raw)
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict stored in `folder`, aliases (tied tensors) restored."""
+def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of the model `config` (a ModelConfig) describes, without its
+    memory (built on the meta device)."""
+    import torch
+
+    from ..model import LLM
+
+    with torch.device("meta"):
+        model = LLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def read_weights(folder: Path, shapes: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The state dict stored in `folder`, aliases (tied tensors) restored. Its names, shapes
+    and dtypes must be `shapes` (default: the model the folder's config.json describes);
+    every mismatch is listed, and no tensor is read before the header fits."""
     from safetensors import SafetensorError, safe_open
 
     file = folder / WEIGHTS
@@ -264,35 +278,24 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if pickles:
             _refuse_pickle(pickles[0])
         raise CheckpointError(f"{file} is missing")
+    if shapes is None:
+        shapes = model_shapes(read_checkpoint(folder).run.model)
+    aliases = check_header(file, shapes)
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{file} is truncated or corrupted ({err}); restore it from a "
                               "good copy or use another checkpoint") from None
     for name, target in aliases.items():
-        if target in tensors:
-            tensors[name] = tensors[target]
+        tensors[name] = tensors[target]
     return tensors
 
 
 def load_weights(folder: Path, model: torch.nn.Module) -> None:
     """Load weights into `model`; anything but an exact fit is refused, every mismatch listed."""
-    tensors = read_weights(folder)
-    expected = model.state_dict()
-    problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items()
-                if name not in tensors]
-    problems += [f"unexpected {name}" for name in tensors if name not in expected]
-    problems += [f"{name}: checkpoint has {tuple(tensors[name].shape)}, model needs "
-                 f"{tuple(t.shape)}" for name, t in expected.items()
-                 if name in tensors and tensors[name].shape != t.shape]
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more"
-                                               if len(problems) > 10 else "")
-        raise CheckpointError(f"weights in {folder / WEIGHTS} do not fit the model its "
-                              f"config.json describes:\n  {shown}")
-    model.load_state_dict(tensors, strict=True)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    model.load_state_dict(read_weights(folder, shapes), strict=True)
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu"):
@@ -312,11 +315,20 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict | None, dict]:
     import torch
 
     folder = resolve_checkpoint(path)
+    file = folder / OPTIMIZER
     optimizer_state = None
-    if (folder / OPTIMIZER).is_file():
+    if file.exists() or file.is_symlink():
+        if not file.is_file():
+            raise CheckpointError(f"{file} is not a regular file")
+        # AdamW keeps two tensors per parameter (Muon one): a bigger file is not our state
+        limit = OPTIMIZER_SIZE_FACTOR * (folder / WEIGHTS).stat().st_size + OPTIMIZER_SLACK
+        size = file.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"{file} holds {size:,} bytes; the optimizer state of "
+                                  f"these weights takes at most {limit:,}")
         try:
-            optimizer_state = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
+            optimizer_state = torch.load(file, weights_only=True, map_location="cpu")
         except Exception as err:  # weights_only refuses anything but tensors and containers
-            raise CheckpointError(f"{folder / OPTIMIZER} cannot be read safely: {err}") from None
+            raise CheckpointError(f"{file} cannot be read safely: {err}") from None
     trainer_state = read_trainer_state(folder) or {}
     return optimizer_state, trainer_state

@@ -27,7 +27,11 @@ _OPTIMIZER_TENSORS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffe
 _MT_WORDS = 624  # Mersenne Twister state words (Python's and NumPy's)
 
 
-class CheckpointFieldError(LlmctlError):
+class CheckpointError(LlmctlError):
+    """A checkpoint that cannot be used: missing, damaged, or not of this model."""
+
+
+class CheckpointFieldError(CheckpointError):
     def __init__(self, file: Path, field: str, message: str):
         super().__init__(f"{file}: field '{field}' {message}")
 

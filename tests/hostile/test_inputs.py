@@ -377,3 +377,87 @@ def test_every_bad_config_json_is_named(broken, row):
     with pytest.raises(LlmctlError) as caught:
         read_checkpoint(broken(**edits))
     assert needle in str(caught.value)
+
+
+# ---------------------------------------------------------------- checkpoint files by size
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                       declared: dict[str, tuple[str, list[int], int]],
+                       metadata: dict[str, str]) -> None:
+    """A safetensors file by hand: `tensors` stored, then each `declared` (dtype, shape,
+    bytes) tensor as a sparse hole of its size (nothing on disk, everything on read)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        blob = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    for name, (dtype, shape, size) in declared.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+        f.truncate(8 + len(raw) + offset)
+
+
+def _rewrite_weights(folder: Path, declared: dict, metadata: dict[str, str] | None = None) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        tensors = {name: f.get_tensor(name).float() for name in f.keys()}  # noqa: SIM118
+        stored_metadata = f.metadata() or {}
+    _write_safetensors(folder / "model.safetensors", tensors, declared,
+                       {**stored_metadata, **(metadata or {})})
+
+
+def test_weights_with_a_huge_extra_tensor_are_refused_unread(broken):
+    """An extra 8 GiB tensor in model.safetensors: refused from the header (unread, the
+    child's 2 GiB address space would not hold it), every mismatch named."""
+    ckpt = broken()
+    _rewrite_weights(ckpt, {"extra": ("F32", [1 << 16, 1 << 15], 8 << 30)})
+    before = tree(ckpt)
+    for args in (("sample", ckpt, "--max_new_tokens", "2"), ("eval", ckpt)):
+        assert_refused(run_cli(*args), "do not fit the model", "unexpected extra")
+    assert tree(ckpt) == before
+
+
+@pytest.mark.parametrize("aliases", ['["x"]', '{"lm_head.weight": "nowhere"}', "{not json"])
+def test_weights_with_bad_alias_metadata(broken, aliases):
+    ckpt = broken()
+    _rewrite_weights(ckpt, {}, {"aliases": aliases})
+    assert_refused(run_cli("sample", ckpt, "--max_new_tokens", "2"), "model.safetensors")
+
+
+def test_weights_of_a_wrong_dtype(broken):
+    from llmctl.core.errors import LlmctlError
+    from llmctl.runtime.checkpoint import read_weights
+
+    ckpt = broken()
+    _rewrite_weights(ckpt, {"extra": ("I64", [2], 16)})
+    with pytest.raises(LlmctlError, match="extra: dtype I64 is not a float"):
+        read_weights(ckpt)
+
+
+def test_optimizer_state_larger_than_its_weights_allow(broken, trained, tmp_path):
+    from llmctl.runtime.checkpoint import OPTIMIZER_SIZE_FACTOR, OPTIMIZER_SLACK
+
+    ckpt = broken()
+    limit = OPTIMIZER_SIZE_FACTOR * (ckpt / "model.safetensors").stat().st_size + OPTIMIZER_SLACK
+    os.truncate(ckpt / "optimizer.pt", limit + 1)  # sparse: costs no disk
+    result = run_cli("train", "--resume", ckpt, "--data_dir", trained["data"], "--out_dir",
+                     tmp_path / "runs", "--max_iters", "4")
+    assert_refused(result, "optimizer.pt holds", f"at most {limit:,}")
+
+
+def test_optimizer_state_that_is_a_fifo(broken, trained, tmp_path):
+    ckpt = broken()
+    (ckpt / "optimizer.pt").unlink()
+    os.mkfifo(ckpt / "optimizer.pt")
+    result = run_cli("train", "--resume", ckpt, "--data_dir", trained["data"], "--out_dir",
+                     tmp_path / "runs", "--max_iters", "4")
+    assert_refused(result, "optimizer.pt is not a regular file")
