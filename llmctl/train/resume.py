@@ -1,23 +1,30 @@
 """Resuming a run, in one place: which checkpoint `--resume` names, which config the resumed
-run uses, and whether the checkpoint's architecture matches it."""
+run uses, whether the checkpoint's architecture matches it, and its training state read and
+checked against the model and optimizer it is loaded into."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import LLMConfig, load_config
 from ..core.errors import LlmctlError
 from ..runtime.checkpoint import (
     CONFIG,
+    OPTIMIZER,
     CheckpointError,
     CheckpointInfo,
     has_checkpoint,
+    load_training_state,
     read_checkpoint,
     resolve_checkpoint,
 )
+from ..runtime.checkpoint_data import check_optimizer_state
 from .architecture import architecture_differences
 from .run_folder import LATEST, run_dir
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_run_config(config_files: list[Path], overrides: dict[str, Any],
@@ -81,3 +88,17 @@ def check_same_architecture(info: CheckpointInfo, current: LLMConfig) -> None:
         raise LlmctlError(f"cannot resume from {info.path}: it holds a different model "
                           f"architecture:\n  {shown}\nresume with the checkpoint's model "
                           "settings (or start a new run with another --file_name)")
+
+
+def read_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer state, trainer state) of `ckpt`, both checked as data; the optimizer
+    state against `optimizer` over `model`, before any load_state_dict (which trusts shapes:
+    a state tensor of the wrong shape can crash the process)."""
+    opt_state, state = load_training_state(ckpt)  # trainer_state.json validated there
+    if opt_state is None or not state:
+        raise LlmctlError(f"cannot resume from {ckpt}: it has no optimizer / trainer "
+                          "state (only weights); start a new run from its weights "
+                          f"with --init_from {ckpt}")
+    check_optimizer_state(opt_state, model, optimizer, ckpt / OPTIMIZER)
+    return opt_state, state

@@ -28,7 +28,12 @@ from .metrics import METRICS_FILE, Console, MetricsFile
 from .optim import LRSchedule, build_optimizer, set_lr
 from .parallel import Parallel, local_value
 from .prefetch import Prefetcher
-from .resume import check_same_architecture, read_resume_checkpoint, resume_target
+from .resume import (
+    check_same_architecture,
+    read_resume_checkpoint,
+    read_training_state,
+    resume_target,
+)
 from .run_folder import (
     BEST,
     LATEST,
@@ -177,16 +182,7 @@ class Trainer:
         return Path(found) if found else None
 
     def _restore(self, ckpt: Path, info: Any) -> dict[str, Any]:
-        from ..runtime.checkpoint import OPTIMIZER, load_training_state
-        from ..runtime.checkpoint_data import check_optimizer_state
-
-        opt_state, state = load_training_state(ckpt)  # trainer_state.json validated there
-        if opt_state is None or not state:
-            raise LlmctlError(f"cannot resume from {ckpt}: it has no optimizer / trainer "
-                              "state (only weights); start a new run from its weights "
-                              f"with --init_from {ckpt}")
-        # before load_state_dict: a state tensor of the wrong shape can crash the process
-        check_optimizer_state(opt_state, self.raw_model, self.optimizer, ckpt / OPTIMIZER)
+        opt_state, state = read_training_state(ckpt, self.raw_model, self.optimizer)
         try:
             self.parallel.load_optimizer_state(self.raw_model, self.optimizer, opt_state)
             self.train_sampler.load_state_dict(state["sampler"])
