@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import typer
 
+from ..core.errors import LlmctlError
+from ..core.files import PROMPT_LIMIT, bounded_lines
 from ._common import (
     checkpoint_argument,
     device_option,
@@ -14,6 +19,9 @@ from ._common import (
     model_path_option,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    from ..infer.chat import ChatSession
 
 _SAMPLING = "Sampling"
 
@@ -60,40 +68,78 @@ def chat(
                    f"{session.loaded.block_size}, seed {settings.seed}); /reset, /exit",
                    err=True)
     out = sys.stdout
-    while True:
-        line = _read_turn(interactive)
-        if line is None or line.strip() == "/exit":
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/reset":
-            session.reset()
-            typer.echo("(conversation reset)", err=True)
-            continue
-        if not interactive:
-            out.write(f"user: {text}\n")
-        out.write("assistant: ")
+    with user_errors():
+        for number, line in _turns(interactive):
+            text = line.strip()
+            if text == "/exit":
+                break
+            if not text:
+                continue
+            if text == "/reset":
+                session.reset()
+                typer.echo("(conversation reset)", err=True)
+                continue
+            try:
+                _check_text(text)
+                session.check_turn(text)
+            except LlmctlError as err:
+                if not interactive:  # piped input is a script: stop at its bad line
+                    raise LlmctlError(f"stdin line {number}: {err}") from None
+                typer.echo(f"error: {err} (not sent; type another message)", err=True)
+                continue
+            _answer(session, text, echo=not interactive, out=out)
+
+
+def _answer(session: ChatSession, text: str, *, echo: bool, out: TextIO) -> None:
+    if echo:
+        out.write(f"user: {text}\n")
+    out.write("assistant: ")
+    out.flush()
+
+    def emit(piece: str) -> None:
+        out.write(piece)
         out.flush()
 
-        def emit(piece: str) -> None:
-            out.write(piece)
-            out.flush()
-
-        before = session.cropped_turns
-        session.reply(text, on_text=emit)
-        out.write("\n")
-        out.flush()
-        if session.cropped_turns > before:
-            typer.echo(f"(dropped the {session.cropped_turns - before} oldest message(s) to fit "
-                       f"block_size {session.loaded.block_size})", err=True)
+    before = session.cropped_turns
+    session.reply(text, on_text=emit)
+    out.write("\n")
+    out.flush()
+    if session.cropped_turns > before:
+        typer.echo(f"(dropped the {session.cropped_turns - before} oldest message(s) to fit "
+                   f"block_size {session.loaded.block_size})", err=True)
 
 
-def _read_turn(interactive: bool) -> str | None:
+def _check_text(text: str) -> None:
+    if len(text) > PROMPT_LIMIT:  # a terminal line; piped ones are bounded while read
+        raise LlmctlError(f"the message is longer than {PROMPT_LIMIT:,} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes kept as surrogates (POSIX locale)
+        raise LlmctlError("the message is not UTF-8 text") from None
+
+
+def _turns(interactive: bool) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each user turn until end of input. Piped lines are read with
+    the prompt bound, so one endless line is never held whole."""
     if interactive:
+        for number in itertools.count(1):
+            try:
+                line = input("user: ")
+            except EOFError:
+                return
+            except UnicodeDecodeError:
+                typer.echo("error: the message is not UTF-8 text (type another)", err=True)
+                continue
+            yield number, line
+    lines = bounded_lines(sys.stdin, PROMPT_LIMIT)
+    for number in itertools.count(1):
         try:
-            return input("user: ")
-        except EOFError:
-            return None
-    line = sys.stdin.readline()
-    return line if line else None
+            line = next(lines, "")
+        except UnicodeDecodeError:
+            raise LlmctlError(f"stdin line {number} is not UTF-8 text") from None
+        if line is None:
+            raise LlmctlError(f"stdin line {number} is longer than {PROMPT_LIMIT:,} characters, "
+                              "the limit for a chat message")
+        if not line:
+            return
+        yield number, line

@@ -34,10 +34,14 @@ def compare(
     Runs still in progress are read as far as they go; folders without metrics are listed
     and skipped.
     """
+    from ..core.files import output_target
     from ..experiments.compare import compare_runs, dumps, write_reports
 
     with user_errors():
         figure = output or _default_figure(paths)
+        for path in (figure, markdown):  # a refused output before any is written
+            if path is not None:
+                output_target(path)
         result = compare_runs(paths, figure, x=x, log=log, title=title)
         write_reports(result, markdown=markdown)
     if as_json:

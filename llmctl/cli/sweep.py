@@ -59,6 +59,7 @@ def sweep(
     points and resumes an interrupted one from its latest checkpoint (--resume auto), so
     points always save checkpoints.
     """
+    from ..core.files import output_target
     from ..experiments.sweep import (
         SlurmResources,
         parse_set,
@@ -70,6 +71,8 @@ def sweep(
     )
 
     with user_errors():
+        if slurm:  # refused before any point config is written
+            output_target(slurm)
         axes = [parse_set(spec) for spec in sets]
         res = SlurmResources(nodes=nodes, gpus_per_node=gpus_per_node,
                              cpus_per_task=cpus_per_task, time=time, partition=partition,

@@ -6,11 +6,14 @@ device such as /dev/zero, a FIFO, a socket, a folder; symlinks are followed firs
 blocks on open, reads at most `limit` bytes (st_size is not trusted) and names the file and
 the reason. Writing: the data goes to a temporary beside the target (same filesystem, so the
 rename is atomic), is flushed and fsynced, then renamed into place, and the parent folder is
-fsynced so the rename itself survives a crash.
+fsynced so the rename itself survives a crash. Only a regular file is written over (through
+a symlink, its target, so the link stays); a FIFO, device, socket or folder there is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
@@ -46,7 +49,7 @@ def file_kind(mode: int) -> str:
     """What an st_mode names, for messages: 'a folder', 'a character device', ..."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket")):
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
         if test(mode):
             return name
     return "not a regular file"
@@ -152,15 +155,36 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def output_target(path: str | os.PathLike) -> Path:
+    """Where a write to `path` lands: `path`, or the file a symlink there leads to (written
+    in place of the link would lose it). A UserFileError when that is not a regular file (or
+    absent): renaming over a FIFO or a device would silently replace it."""
+    given = Path(path)
+    target = Path(os.path.realpath(given)) if given.is_symlink() else given
+    label = str(given) if target == given else f"{given} (a link to {target})"
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as err:
+        raise UserFileError(label, f"cannot be written: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise UserFileError(label, f"is {file_kind(mode)}, not a regular file: refusing to "
+                                   "write over it")
+    return target
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer that wants a file name (savefig,
-    a download); on success it is fsynced and renamed to `path`, on failure removed."""
-    final = Path(path)
+    a download); on success it is fsynced and renamed to `path`, on failure removed. What is
+    at `path` is checked first (`output_target`), before the writer spends any work."""
+    final = output_target(path)
     tmp = temp_beside(final)
     try:
         yield tmp
         fsync_file(tmp)
+        output_target(final)  # again: something may have been put there meanwhile
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -189,6 +213,30 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def open_regular(path: str | os.PathLike, flags: int, what: str, mode: int = 0o644) -> int:
+    """A descriptor of `path` (os.open `flags`; O_CREAT creates it) that is a regular file:
+    never through a symlink (a planted one would aim our writes elsewhere), never blocking
+    (a FIFO), never a device. Not one: a UserFileError; other OSErrors pass through."""
+    label = f"{what} {path}"
+    with contextlib.suppress(FileNotFoundError):  # lstat first: opening a device can act
+        kind = os.lstat(path).st_mode
+        if not stat.S_ISREG(kind):
+            raise UserFileError(label, f"is {file_kind(kind)}, not a regular file")
+    extra = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink put there after the lstat
+            raise UserFileError(label, "is a symbolic link, not a regular file") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise UserFileError(label, f"is {file_kind(kind)}, not a regular file")
+    return fd
 
 
 def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:

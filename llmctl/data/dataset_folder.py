@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import LlmctlError
-from ..core.files import swap_folder
+from ..core.files import open_regular, swap_folder
 from . import layout
 from .chat import MASK_SUFFIX, OFFSETS_SUFFIX
 
@@ -38,7 +38,8 @@ def lock(data_dir: Path, name: str) -> Iterator[None]:
     busy = LlmctlError(f"another `llmctl prepare` is writing {data_dir / name} right now; "
                        "wait for it to finish")
     try:
-        f = open(path, "a+")  # noqa: SIM115 - closed below, after the unlock
+        # never through a planted symlink, never blocking on a FIFO: a UserFileError
+        f = os.fdopen(open_regular(path, os.O_RDWR | os.O_CREAT, "the lock file"), "a+")
     except OSError as err:
         raise DataDirNotWritable(f"cannot write to data_dir {data_dir}: "
                                  f"{err.strerror or err} (creating {path}); choose another "

@@ -50,6 +50,11 @@ class ChatSession:
         if self.system and ROLE_TOKENS["system"] not in self.tokenizer.added_ids:
             raise LlmctlError("this checkpoint's chat data had no system messages (no "
                               "<|system|> token); drop --system")
+        if self.system:  # refused now, not as if the first user turn were at fault
+            try:
+                encode_messages(self.tokenizer, [Message("system", self.system)])
+            except LlmctlError as err:
+                raise LlmctlError(f"--system: {err}") from None
         self.generator = torch.Generator(device=self.loaded.device).manual_seed(
             self.settings.seed)
         self.stop_ids = {self.tokenizer.eot_id, *self.tokenizer.added_ids.values()}
@@ -76,8 +81,13 @@ class ChatSession:
             del self.history[first]
             self.cropped_turns += 1
 
+    def check_turn(self, text: str) -> None:
+        """An LlmctlError if the tokenizer cannot encode `text` as a user turn."""
+        encode_messages(self.tokenizer, [Message("user", text)])
+
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
-        """Add the user's turn, sample and return the assistant's, streamed to on_text."""
+        """Add the user's turn, sample and return the assistant's, streamed to on_text. A turn
+        the tokenizer refuses (an LlmctlError) leaves the conversation as it was."""
         import torch
 
         from .decode import stream_tokens
@@ -87,7 +97,12 @@ class ChatSession:
         if self._decoder is None and supports(model):  # its weight copies serve every turn
             self._decoder = FastDecoder(model, total_tokens=self.loaded.block_size)
         self.history.append(Message("user", text))
-        idx = torch.tensor([self.prompt_ids()], dtype=torch.long, device=self.loaded.device)
+        try:
+            prompt = self.prompt_ids()
+        except LlmctlError:  # kept, it would fail every later turn too
+            self.history.pop()
+            raise
+        idx = torch.tensor([prompt], dtype=torch.long, device=self.loaded.device)
         s = self.settings
         decoder = IncrementalDecoder(self.tokenizer.decode)
         pieces: list[str] = []

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import LlmctlError
-from ..core.files import CHECKPOINT_JSON_LIMIT, read_user_file
+from ..core.files import CHECKPOINT_JSON_LIMIT, open_regular, read_user_file
 from .hf_import import hf_folder, is_hf_path, load_hf
 
 IMPORT_FOLDER = "init_from_hf"  # inside the run folder: the imported checkpoint
@@ -79,7 +79,7 @@ def _imported_already(path: str, folder: Path) -> bool:
 def _exclusive(lock: Path) -> Iterator[None]:
     """An exclusive flock on `lock` (blocking; the OS drops it if the holder dies)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_regular(lock, os.O_RDWR | os.O_CREAT, "the import lock")  # never via a symlink
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -29,8 +30,11 @@ class MetricsFile:
         full disk) is undone by truncating back to the previous size, so no torn line
         stays behind for the next append to glue onto."""
         data = (json.dumps(_finite(record), separators=(",", ":")) + "\n").encode("utf-8")
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # O_NONBLOCK: a FIFO put there since the run folder was checked cannot block
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise LlmctlError(f"cannot append to {self.path}: not a regular file")
         except OSError as err:
             raise LlmctlError(f"cannot append to {self.path}: {err.strerror or err}") from None
         try:

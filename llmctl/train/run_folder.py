@@ -10,8 +10,10 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..core.errors import LlmctlError
-from ..core.files import move
+from ..core.files import UserFileError, move, open_regular, output_target
 from ..runtime.checkpoint import has_checkpoint
+from .metrics import METRICS_FILE
+from .plot import PLOT_FILE
 
 LATEST, BEST = "latest", "best"
 LOCK_FILE = ".lock"  # holds the pid of the `llmctl train` that writes the folder
@@ -22,7 +24,8 @@ def run_dir(run: RunConfig) -> Path:
 
 
 def prepare_run_dir(path: Path) -> Path:
-    """Create the run folder and prove it is writable (before any training time is spent)."""
+    """Create the run folder and prove it is writable, and that what the run appends to or
+    writes over there is a regular file (before any training time is spent)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -34,6 +37,12 @@ def prepare_run_dir(path: Path) -> Path:
             reason = f"{blocker} is a file, not a folder"
         raise LlmctlError(f"cannot write to the run folder {path}: {reason} (choose another "
                           "--out_dir)") from None
+    for name in (METRICS_FILE, PLOT_FILE):  # appending to a FIFO would block for ever
+        try:
+            output_target(path / name)
+        except UserFileError as err:
+            raise LlmctlError(f"cannot use the run folder {path}: {err}; remove it, or "
+                              "choose another --file_name") from None
     return path
 
 
@@ -84,7 +93,11 @@ class RunFolderLock:
         except ImportError:  # pragma: no cover - not POSIX: no locking
             return self
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, "the lock file")
+        except UserFileError as err:  # a planted symlink would get its target truncated
+            raise LlmctlError(f"cannot lock the run folder {self.folder}: {err}; remove it "
+                              "(llmctl train makes a new one), or choose another "
+                              "--file_name") from None
         except OSError as err:
             raise LlmctlError(f"cannot create the lock file {self.path}: "
                               f"{err.strerror or err} (choose another --out_dir)") from None

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from llmctl.cli import app
 from llmctl.core.errors import LlmctlError
+from llmctl.core.files import PROMPT_LIMIT
 from llmctl.data.chat import Message
 from llmctl.infer.chat import ChatSession
 from llmctl.infer.load import load_checkpoint
@@ -83,3 +84,27 @@ def test_a_checkpoint_without_chat_tokens_is_refused(finetune_base):
     loaded = load_checkpoint(finetune_base["ckpt"], device="cpu")
     with pytest.raises(LlmctlError, match="not trained on chat data"):
         ChatSession(loaded, SampleSettings())
+
+
+@pytest.mark.parametrize("stdin, needle", [
+    ("Good morrow!\n\u2603\n", "stdin line 2: text has characters outside the char vocabulary"),
+    (b"\xff\xfe\x80\n", "stdin line 1"),  # not UTF-8
+    ("a" * (PROMPT_LIMIT + 1) + "\n", "stdin line 1 is longer than 16,777,216 characters"),
+])
+def test_a_bad_line_on_stdin_is_refused_by_its_number(chat_ckpt, stdin, needle):
+    result = CliRunner().invoke(app, ["chat", str(chat_ckpt), "--max_new_tokens", "2",
+                                      "--device", "cpu"], input=stdin)
+    assert result.exit_code == 2, (result.exception, result.output[-500:])
+    assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+    assert needle in result.output
+
+
+def test_a_refused_turn_leaves_the_conversation_as_it_was(chat_ckpt):
+    session = ChatSession(load_checkpoint(chat_ckpt, device="cpu"),
+                          SampleSettings(max_new_tokens=2, temperature=0, seed=0))
+    session.reply("Good morrow!")
+    before = list(session.history)
+    with pytest.raises(LlmctlError, match="outside the char vocabulary"):
+        session.reply("\u2603")
+    assert session.history == before
+    session.reply("And of up?")  # the next turn is not poisoned by the refused one

@@ -125,6 +125,35 @@ def test_run_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
     RunFolderLock(folder).acquire().release()
 
 
+def test_a_planted_lock_file_is_refused_and_its_target_kept(tmp_path):
+    from llmctl.train.run_folder import RunFolderLock
+
+    folder = prepare_run_dir(tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (folder / ".lock").symlink_to(victim)
+    with pytest.raises(LlmctlError, match=r"\.lock is a symbolic link, not a regular file"):
+        RunFolderLock(folder).acquire()
+    assert victim.read_text() == "keep"
+    (folder / ".lock").unlink()
+    os.mkfifo(folder / ".lock")  # opened with O_NONBLOCK: refused, not waited on
+    with pytest.raises(LlmctlError, match=r"\.lock is a FIFO"):
+        RunFolderLock(folder).acquire()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "loss_curve.png"])
+def test_a_fifo_where_the_run_writes_is_refused_before_training(tmp_path, name):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / name)  # appending to it would block for ever
+    with pytest.raises(LlmctlError, match=rf"run folder .*{name} is a FIFO"):
+        prepare_run_dir(folder)
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    with pytest.raises(LlmctlError, match=rf"{name} is a folder"):
+        prepare_run_dir(folder)
+
+
 @pytest.mark.parametrize("how", ["file_in_the_way", "read_only"])
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_an_out_dir_llmctl_cannot_write_is_named_before_any_work(tmp_path, tmpfs, char_data,
