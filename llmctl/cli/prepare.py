@@ -31,7 +31,10 @@ def _count(value: str | None, flag: str) -> int | None:
     match = re.fullmatch(r"\s*([0-9_]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", value.lower())
     if not match:
         raise LlmctlError(f"{flag} {value!r} is not a count (e.g. 1000000, 1e6, 50M, 10B)")
-    return int(float(match.group(1).replace("_", "")) * _SIZES[match.group(2)])
+    number = float(match.group(1).replace("_", "")) * _SIZES[match.group(2)]
+    if not number < 2**63:  # 1e400 parses as inf, which int() cannot take
+        raise LlmctlError(f"{flag} {value!r} is too large (at most {2**63 - 1:,})")
+    return int(number)
 
 
 @contextlib.contextmanager

@@ -16,13 +16,23 @@ from ..core.errors import LlmctlError
 from .tokenizers import EOT_TEXT, BPETokenizer, require_tokenizers
 
 MIN_BPE_VOCAB = 256 + 1  # the byte alphabet and end-of-text
+# 4x the largest published vocabulary (Gemma's 262,144); the trainer sizes its tables by the
+# target, so an absurd one aborts the process (out of memory in Rust) instead of failing
+MAX_BPE_VOCAB = 2**20
+
+
+def bpe_vocab_problem(vocab_size: int) -> str | None:
+    """Why `--bpe_vocab vocab_size` cannot be trained, or None."""
+    if MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
+        return None
+    return (f"--bpe_vocab must be from {MIN_BPE_VOCAB} (the 256 bytes and end-of-text) to "
+            f"{MAX_BPE_VOCAB:,}, got {vocab_size:,}")
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, progress: bool = False) -> BPETokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (end-of-text included) on `texts`."""
-    if vocab_size < MIN_BPE_VOCAB:
-        raise LlmctlError(f"--bpe_vocab must be at least {MIN_BPE_VOCAB} (the 256 bytes and "
-                          f"end-of-text), got {vocab_size}")
+    if problem := bpe_vocab_problem(vocab_size):
+        raise LlmctlError(problem)
     tokenizers = require_tokenizers()
     from tokenizers import decoders, models, pre_tokenizers, trainers
 

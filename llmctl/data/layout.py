@@ -12,15 +12,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import LlmctlError
+from ..core.errors import LlmctlError, preview
 from ..core.files import DATASET_META_LIMIT, read_user_file
 from .registry import DATASETS
+from .tokenizer_base import MAX_TOKEN_ID, spec_problems
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 DTYPES = ("uint16", "uint32")
 DEFAULT_DATA_DIR = "data"
+MAX_SPLIT_TOKENS = 2**48  # far beyond any disk; keeps byte sizes exact integers
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -69,29 +71,69 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def _meta_problems(meta: Any) -> list[str]:
+    """Every problem with meta.json as data: each field a reader uses, by type and range."""
     if not isinstance(meta, dict):
         return ["not a JSON object"]
     version = meta.get("format")
-    if not isinstance(version, int):
+    if not _whole(version, 0, 2**31):
         return ["no integer 'format'"]
     if version > FORMAT_VERSION:
         return [f"format {version} is newer than this llmctl reads ({FORMAT_VERSION}); "
                 "upgrade llmctl"]
     problems = [f"missing '{key}'" for key in ("tokenizer", "vocab_size", "eot_id", "dtype",
                                                "splits") if key not in meta]
+    if "tokenizer" in meta:
+        problems += spec_problems(meta["tokenizer"])
+        rel = meta["tokenizer"].get("file") if isinstance(meta["tokenizer"], dict) else None
+        if isinstance(rel, str) and Path(rel).name != rel:  # checkpoints copy it by its name
+            problems.append(f"tokenizer.file must be a plain file name, got {preview(rel)}")
+    vocab = meta.get("vocab_size")
+    if "vocab_size" in meta and not _whole(vocab, 1, MAX_TOKEN_ID + 1):
+        problems.append(f"vocab_size must be a whole number in [1, {MAX_TOKEN_ID + 1}], got "
+                        f"{preview(vocab)}")
+        vocab = None
+    top = (vocab if vocab is not None else MAX_TOKEN_ID + 1) - 1
+    if "eot_id" in meta and not _whole(meta["eot_id"], 0, top):
+        problems.append(f"eot_id must be a whole number in [0, {top}] (below vocab_size), got "
+                        f"{preview(meta['eot_id'])}")
     if meta.get("dtype") not in DTYPES:
-        problems.append(f"dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+        problems.append(f"dtype {preview(meta.get('dtype'))} is not one of {', '.join(DTYPES)}")
+    top = 2**16 - 1 if meta.get("dtype") == "uint16" else MAX_TOKEN_ID  # what the files hold
+    if "max_token_id" in meta and not _whole(meta["max_token_id"], 0, top):
+        problems.append(f"max_token_id must be a whole number in [0, {top}], got "
+                        f"{preview(meta['max_token_id'])}")
+    chat = meta.get("data_format")
+    if chat not in (None, "text", "chat"):
+        problems.append(f"data_format {preview(chat)} is not one of text, chat")
     splits = meta.get("splits")
     if not isinstance(splits, dict) or not splits:
         problems.append("'splits' is not a non-empty object")
     else:
         for split, entry in splits.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                    and isinstance(entry.get("tokens"), int) and entry["tokens"] >= 0):
-                problems.append(f"splits.{split} needs 'file' and a token count 'tokens'")
-            elif Path(entry["file"]).name != entry["file"]:
-                problems.append(f"splits.{split}.file must be a plain file name")
+            problems += _split_problems(str(split), entry, chat == "chat")
     return problems
+
+
+def _split_problems(split: str, entry: Any, chat: bool) -> list[str]:
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+            and _whole(entry.get("tokens"), 0, MAX_SPLIT_TOKENS)):
+        return [f"splits.{split} needs 'file' and a token count 'tokens' (a whole number in "
+                f"[0, {MAX_SPLIT_TOKENS}])"]
+    problems = []
+    for key in ("file", "mask", "offsets") if chat else ("file",):
+        rel = entry.get(key)
+        if not (isinstance(rel, str) and rel and Path(rel).name == rel and rel not in (".", "..")):
+            problems.append(f"splits.{split}.{key} must be a plain file name inside the dataset "
+                            f"folder, got {preview(rel)}")
+    if chat and not _whole(entry.get("conversations"), 0, entry["tokens"]):
+        problems.append(f"splits.{split}.conversations must be a whole number in "
+                        f"[0, {entry['tokens']}] (at most its tokens), got "
+                        f"{preview(entry.get('conversations'))}")
+    return problems
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from ..core.errors import LlmctlError
 from . import layout
+from .tokenizer_base import read_spec_file
 from .tokenizers import Tokenizer, tokenizer_files, tokenizer_from_spec
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -42,14 +43,46 @@ def window_starts(seed: int, sample_indices: np.ndarray, num_starts: int) -> np.
     return (_mix64(z) % np.uint64(num_starts)).astype(np.int64)
 
 
+def _map(kind: type, path: Path, dtype: np.dtype, count: int, split: str) -> np.ndarray:
+    """`count` items of `path`, memory-mapped read-only; a map the address space cannot
+    hold (`ulimit -v`) is a message naming the file."""
+    try:
+        return kind(path, dtype=dtype, mode="r", shape=(count,))
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise LlmctlError(f"{path} ({split} split, {count * dtype.itemsize:,} bytes) cannot be "
+                          f"memory-mapped: {reason}; raise the address-space limit "
+                          "(`ulimit -v`) or prepare less data") from None
+
+
 def _too_small(name: str, tokens: int, block_size: int) -> LlmctlError:
     return LlmctlError(f"{name} has {tokens:,} tokens, too few for block_size {block_size} "
                        f"(needs at least {block_size + 1}); prepare more data or lower "
                        "block_size")
 
 
-def _to_tensors(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) int64 tensors from windows of T+1 tokens: y is x shifted by one."""
+class SplitTokens(np.memmap):
+    """A split's tokens, memory-mapped, knowing the largest id its meta.json allows.
+
+    Batch cutters check every batch against `max_id` (the max of a (B, T) batch costs
+    microseconds), so a corrupted or swapped file is a message naming it, not an IndexError
+    deep inside the embedding; the file itself is never read whole at start.
+    """
+
+    max_id: int | None = None
+    fix: str = ""  # what to do about a bad id, for the message
+
+
+def _check_ids(tokens: np.ndarray, batch: np.ndarray) -> None:
+    limit = getattr(tokens, "max_id", None)
+    if limit is not None and batch.size and (top := int(batch.max())) > limit:
+        raise LlmctlError(f"{tokens.filename} holds token id {top}, but its meta.json allows "
+                          f"ids up to {limit}: {tokens.fix}")
+
+
+def _to_tensors(windows: np.ndarray, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) int64 tensors from windows of T+1 tokens of `tokens`: y is x shifted by one."""
+    _check_ids(tokens, windows)
     windows = windows.astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
@@ -95,7 +128,7 @@ class RandomBatchSampler:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.starts()
         self.samples_drawn += self.global_batch
-        return _to_tensors(self._windows[starts])  # one gather, no per-row Python loop
+        return _to_tensors(self._windows[starts], self.tokens)  # one gather, no row loop
 
     def state_dict(self) -> dict[str, Any]:
         return _sampler_state(self, "random_windows")
@@ -160,6 +193,7 @@ class ChatBatchSampler:
             n = len(ids) - 1
             x[row, :n] = ids[:-1]
             y[row, :n] = np.where(keep, ids[1:], -1)
+        _check_ids(self.tokens, np.maximum(x, y))
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def state_dict(self) -> dict[str, Any]:
@@ -230,10 +264,11 @@ class SequentialBatches:
             windows = np.lib.stride_tricks.sliding_window_view(self.tokens, T + 1)
             for first in range(0, len(self._full), self.batch_size):
                 starts = self._full[first:first + self.batch_size] * T
-                yield _to_tensors(windows[starts])
+                yield _to_tensors(windows[starts], self.tokens)
         if self._has_tail:
             start = self.num_full * T
-            yield _to_tensors(np.asarray(self.tokens[start:start + self.tail + 1])[None])
+            yield _to_tensors(np.asarray(self.tokens[start:start + self.tail + 1])[None],
+                              self.tokens)
 
 
 class PreparedDataset:
@@ -246,6 +281,7 @@ class PreparedDataset:
                               f"`{layout.prepare_hint(self.folder.name, self.folder.parent)}`")
         self.meta = layout.read_meta(self.folder)
         layout.check_split_files(self.folder, self.meta)
+        self._check_tokenizer_files()
         self._maps: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -290,6 +326,19 @@ class PreparedDataset:
         """Files beside meta.json the tokenizer needs (to copy into checkpoints)."""
         return [self.folder / rel for rel in tokenizer_files(self.tokenizer_spec)]
 
+    def _check_tokenizer_files(self) -> None:
+        """The tokenizer's files are regular, bounded and match their sha256 now: training
+        copies them into its checkpoints only when it saves, after all the work."""
+        if tokenizer_files(self.tokenizer_spec):
+            try:
+                read_spec_file(self.tokenizer_spec, self.folder, self.tokenizer_spec["kind"])
+            except LlmctlError as err:
+                raise LlmctlError(f"{err}; {self._redo}") from None
+
+    @property
+    def _redo(self) -> str:
+        return f"run `{layout.prepare_hint(self.folder.name, self.folder.parent)} --force`"
+
     @property
     def max_token_id(self) -> int:
         if "max_token_id" in self.meta:
@@ -313,8 +362,12 @@ class PreparedDataset:
             if entry["tokens"] == 0:
                 self._maps[split] = np.empty(0, dtype=self.dtype)
             else:
-                self._maps[split] = np.memmap(path, dtype=self.dtype, mode="r",
-                                              shape=(entry["tokens"],))
+                tokens = _map(SplitTokens, path, self.dtype, entry["tokens"], split)
+                # older metas lack it; check_vocab scans their splits whole instead
+                tokens.max_id = self.meta.get("max_token_id")
+                tokens.fix = (f"the file was changed or corrupted (the vocabulary has "
+                              f"{self.vocab_size} tokens); {self._redo}")
+                self._maps[split] = tokens
         return self._maps[split]
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -341,15 +394,28 @@ class PreparedDataset:
                                   " --force`")
         except FileNotFoundError:
             raise LlmctlError(f"{path} ({split} {key}) is missing") from None
-        return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r",
-                         shape=(count,))
+        return _map(np.memmap, path, np.dtype(dtype).newbyteorder("<"), count, split)
 
     def loss_mask(self, split: str) -> np.ndarray:
         """Chat data: 1 where the token is a training target (assistant content, end-of-turn)."""
         return self._side_file(split, "mask", "uint8")
 
     def conversation_offsets(self, split: str) -> np.ndarray:
-        return self._side_file(split, "offsets", "uint64")
+        """Conversation boundaries, checked to run from 0 up to the token count, each
+        conversation at least one token (in blocks: an offsets file is never held whole)."""
+        offsets = self._side_file(split, "offsets", "uint64")
+        tokens, block = self.num_tokens(split), 1 << 20
+        bad = int(offsets[0]) != 0 or int(offsets[-1]) != tokens
+        for first in range(0, len(offsets) - 1, block):
+            if bad:
+                break
+            chunk = np.asarray(offsets[first:first + block + 1])
+            bad = bool((chunk[1:] <= chunk[:-1]).any())  # not np.diff: uint64 wraps
+        if bad:
+            raise LlmctlError(f"{offsets.filename} is not a list of conversation boundaries "
+                              f"rising from 0 to {tokens} (the split's tokens): the file was "
+                              f"changed or corrupted; {self._redo}")
+        return offsets
 
     def random_batches(self, split: str, batch_size: int, block_size: int, seed: int,
                        rank: int = 0, world_size: int = 1,

@@ -31,6 +31,7 @@ from ..core.files import (
     write_json_atomic,
 )
 from . import layout
+from .bpe import bpe_vocab_problem
 from .dataset_folder import DataDirNotWritable, existing_dataset, install, lock
 from .embedded import SHAKESPEARE_DESCRIPTION, SHAKESPEARE_SOURCE, shakespeare_bytes
 from .hf_tokenizer import is_hf_tokenizer
@@ -158,9 +159,8 @@ def _check_options(opts: PrepareOptions) -> None:
                         "--source PATH|URL (and --name) to prepare your own text")
     if opts.tokenizer == "bpe" and opts.tokenizer_file:
         problems.append("--tokenizer_file is for tiktoken rank files, not --tokenizer bpe")
-    if opts.tokenizer == "bpe" and not 257 <= opts.bpe_vocab <= 2**31 - 1:
-        problems.append(f"--bpe_vocab must be at least 257 (the 256 bytes and "
-                        f"end-of-text), got {opts.bpe_vocab}")
+    if opts.tokenizer == "bpe" and (problem := bpe_vocab_problem(opts.bpe_vocab)):
+        problems.append(problem)
     if opts.tokenizer == "char" and opts.tokenizer_file:
         problems.append("--tokenizer_file is for tiktoken rank files, not --tokenizer char")
     if is_hf_tokenizer(opts.tokenizer) and opts.tokenizer_file:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import LlmctlError, one_of
-from .tokenizer_base import EOT_TEXT, REPLACEMENT, Tokenizer
+from ..core.files import read_user_file
+from .tokenizer_base import EOT_TEXT, MAX_TOKENIZER_BYTES, REPLACEMENT, Tokenizer
 
 TIKTOKEN_FILE_ENV = "LLMCTL_TIKTOKEN_FILE"
 RANK_FILE = "tokenizer.tiktoken"  # name of the copied rank file beside meta.json
@@ -134,10 +135,8 @@ def dump_ranks(ranks: dict[bytes, int]) -> bytes:
 
 
 def _read_rank_file(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise LlmctlError(f"cannot read tokenizer file {path}: {err.strerror or err}") from None
+    # bounded, regular files only: /dev/zero or a FIFO named as the rank file must not hang
+    return read_user_file(path, "tokenizer file", MAX_TOKENIZER_BYTES, text=False)
 
 
 def _encoding(name: str, pat_str: str, ranks: dict[bytes, int],
@@ -258,7 +257,7 @@ def tiktoken_from_spec(spec: dict[str, Any], folder: Path | None) -> Tokenizer:
     if os.environ.get(TIKTOKEN_FILE_ENV):
         candidates.append(Path(os.environ[TIKTOKEN_FILE_ENV]))
     for path in candidates:
-        if path.is_file():
+        if path.exists():  # what is there but not a regular file is refused by the reader
             data = _read_rank_file(path)
             if hashlib.sha256(data).hexdigest() == spec["sha256"]:
                 ranks = parse_ranks(data, str(path))

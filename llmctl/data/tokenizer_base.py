@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..core.errors import LlmctlError
+from ..core.errors import LlmctlError, one_of, preview
 from ..core.files import read_user_file
 
 MAX_TOKENIZER_BYTES = 256 * 2**20  # Llama 3's tokenizer.json is 9 MB, the largest published ~35 MB
+
+KINDS = ("tiktoken", "char", "byte", "bpe", "hf")
+MAX_TOKEN_ID = 2**32 - 1  # ids are stored as uint32 at most
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 EOT_TEXT = "<|endoftext|>"
 REPLACEMENT = "\ufffd"  # what an id the vocabulary lacks decodes to
@@ -75,3 +80,40 @@ def read_spec_file(spec: dict[str, Any], folder: Path | None, kind: str) -> tupl
         raise LlmctlError(f"{path} does not match the sha256 its spec records (the "
                           "tokenizer file was changed or corrupted)")
     return path, data
+
+
+def spec_problems(spec: Any, where: str = "tokenizer") -> list[str]:
+    """Every problem with a recorded tokenizer spec as data (types, ranges, file names),
+    each naming its field under `where`; [] when it can be rebuilt from."""
+    if not isinstance(spec, dict):
+        return [f"{where} must be a JSON object, got {preview(spec)}"]
+    problems = []
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        problems.append(f"{where}.kind: {one_of(kind, KINDS)}")
+    added = spec.get("added_tokens")
+    if added is not None and not (isinstance(added, list) and all(
+            isinstance(t, str) and t for t in added) and len(set(added)) == len(added)):
+        problems.append(f"{where}.added_tokens must be a list of distinct non-empty strings, "
+                        f"got {preview(added)}")
+    for key in ("name", "pat_str", "eot_token"):
+        if key in spec and not isinstance(spec[key], str):
+            problems.append(f"{where}.{key} must be a string, got {preview(spec[key])}")
+    if kind == "char" and not (isinstance(spec.get("chars"), str) and spec["chars"]):
+        problems.append(f"{where}.chars must be a non-empty string, got "
+                        f"{preview(spec.get('chars'))}")
+    rel = spec.get("file")
+    if rel is not None and not (isinstance(rel, str) and rel and not Path(rel).is_absolute()
+                                and ".." not in Path(rel).parts):
+        problems.append(f"{where}.file must be a file name relative to its folder, got "
+                        f"{preview(rel)}")
+    sha = spec.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+        problems.append(f"{where}.sha256 must be 64 lowercase hex digits, got {preview(sha)}")
+    special = spec.get("special_tokens")
+    if "special_tokens" in spec and not (isinstance(special, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_ID
+            for v in special.values())):
+        problems.append(f"{where}.special_tokens must map token strings to ids in "
+                        f"[0, {MAX_TOKEN_ID}], got {preview(special)}")
+    return problems

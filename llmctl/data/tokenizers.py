@@ -47,7 +47,15 @@ from .tiktoken_encodings import (
     parse_ranks,
     tiktoken_from_spec,
 )
-from .tokenizer_base import EOT_TEXT, REPLACEMENT, Tokenizer, describe_spec, read_spec_file
+from .tokenizer_base import (
+    EOT_TEXT,
+    KINDS,
+    REPLACEMENT,
+    Tokenizer,
+    describe_spec,
+    read_spec_file,
+    spec_problems,
+)
 
 __all__ = ["BPE_FILE", "EOT_TEXT", "KINDS", "KNOWN_ENCODINGS", "RANK_FILE", "TIKTOKEN_FILE_ENV",
            "BPETokenizer", "ByteTokenizer", "CharTokenizer", "ExtendedTokenizer", "HFTokenizer",
@@ -56,7 +64,6 @@ __all__ = ["BPE_FILE", "EOT_TEXT", "KINDS", "KNOWN_ENCODINGS", "RANK_FILE", "TIK
            "tokenizer_from_spec"]
 
 BPE_FILE = "tokenizer.json"  # the trained BPE's file beside meta.json
-KINDS = ("tiktoken", "char", "byte", "bpe", HF_KIND)
 
 
 class ByteTokenizer(Tokenizer):
@@ -291,8 +298,10 @@ def tokenizer_files(spec: dict[str, Any]) -> list[str]:
 
 def tokenizer_from_spec(spec: dict[str, Any], folder: str | Path | None = None) -> Tokenizer:
     """Rebuild the tokenizer a meta.json / checkpoint config records; files are under `folder`."""
-    if not isinstance(spec, dict):
-        raise LlmctlError(f"a tokenizer spec must be a JSON object, not {type(spec).__name__}")
+    problems = spec_problems(spec)
+    if problems:  # checked as data first: a wrong type is a message, not a crash inside
+        where = f" recorded in {folder}" if folder is not None else ""
+        raise LlmctlError(f"the tokenizer{where} is not valid: {'; '.join(problems)}")
     if spec.get("added_tokens"):
         base = {k: v for k, v in spec.items() if k != "added_tokens"}
         return ExtendedTokenizer(tokenizer_from_spec(base, folder), spec["added_tokens"])

@@ -51,6 +51,8 @@ def test_both_flag_spellings_and_idempotent_rerun(shakespeare_txt, gpt2_tiktoken
     (["prepare", "shakespear"], "did you mean 'shakespeare'"),
     (["prepare"], "name a dataset"),
     (["prepare", "--source", "x.txt", "--max_tokens", "lots"], "not a count"),
+    (["prepare", "--source", "x.txt", "--max_tokens", "1e400"], "'1e400' is too large"),
+    (["prepare", "--source", "x.txt", "--max_tokens", "1e999B"], "'1e999B' is too large"),
     (["prepare", "--source", "/nonexistent/corpus.txt", "--tokenizer", "byte"],
      "does not exist"),
     # checked before any tokenizer is built

@@ -274,7 +274,7 @@ def test_every_problem_known_before_starting_is_reported_at_once(refused_url, tm
                                  tokenizer_file=tmp_path / "missing.tiktoken"))
     message = str(err.value)
     assert message.startswith("prepare cannot start (2 problems):")
-    assert "cannot read tokenizer file" in message and "missing.tiktoken" in message
+    assert "missing.tiktoken does not exist" in message
     assert "could not reach" in message and refused_url in message and "--source PATH" in message
     assert leftovers(data_dir) == []
 

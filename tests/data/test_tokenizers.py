@@ -220,8 +220,10 @@ def test_bad_rank_files_and_flag_mixes_are_clear(tmp_path, gpt2_tiktoken):
     bad.write_text("IQ== 0\nnot base64!! x\n")
     with pytest.raises(LlmctlError, match="line 2"):
         create_tokenizer(None, bad)
-    with pytest.raises(LlmctlError, match="cannot read"):
+    with pytest.raises(LlmctlError, match="absent.tiktoken does not exist"):
         create_tokenizer(None, tmp_path / "absent.tiktoken")
+    with pytest.raises(LlmctlError, match="is a character device"):  # never read whole
+        create_tokenizer(None, "/dev/zero")
     with pytest.raises(LlmctlError, match="not --tokenizer byte"):
         create_tokenizer("byte", gpt2_tiktoken)
     with pytest.raises(LlmctlError, match="holds the ranks of gpt2"):
