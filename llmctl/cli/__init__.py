@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from .. import __version__
@@ -66,7 +69,28 @@ def _root(
 
 
 def main() -> None:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): its output goes nowhere
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         app()
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except OSError as err:
+        if not _from_stdout(err):
+            raise
+        # stdout on a full disk or a dead device: say so once, and let the exit flush nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        typer.echo(f"error: cannot write to standard output: {err.strerror or err}", err=True)
+        raise SystemExit(2) from None
+
+
+def _from_stdout(err: OSError) -> bool:
+    """Whether `err` was raised writing standard output (a frame on its way holds stdout)."""
+    streams = (sys.stdout, getattr(sys.stdout, "buffer", None))
+    tb = err.__traceback__
+    while tb is not None:
+        if any(value is stream for value in tb.tb_frame.f_locals.values() for stream in streams
+               if stream is not None):
+            return True
+        tb = tb.tb_next
+    return False

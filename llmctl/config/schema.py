@@ -23,7 +23,7 @@ NON_LINEARITIES = (
 GATED_NON_LINEARITIES = ("glu", "swiglu", "geglu", "reglu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
-DEVICE_NAMES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_NAMES = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")  # torch: index < 128
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 # LoRA target groups (runtime.lora maps them to module / parameter names)
 LORA_GROUPS = ("attention", "mlp", "experts", "router", "lm_head")

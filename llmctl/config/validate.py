@@ -160,6 +160,7 @@ def _check_train(check: _Checker, run: RunConfig, world_size: int | None) -> Non
                  "log_interval"):
         check.size("train." + name, getattr(t, name), high=2**40)
     check.size("train.warmup_steps", t.warmup_steps, low=0, high=2**40)
+    check.size("train.seed", t.seed, low=0, high=2**32 - 1)  # NumPy's global seed's range
     if t.learning_rate <= 0:
         check.add("train.learning_rate", f"must be > 0, got {t.learning_rate}")
     if t.min_lr is not None and not 0 <= t.min_lr <= t.learning_rate:

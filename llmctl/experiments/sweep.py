@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,9 @@ MANIFEST = "sweep.json"
 LATEST = "latest"  # train.run_folder.LATEST (kept literal: the sweep only reads the folder)
 # The sweep owns where each point goes and how it restarts.
 RESERVED_KEYS = ("out_dir", "file_name", "resume", "wandb_run_name")
+# every point is validated (and its config written) before any trains: a bigger grid is a
+# typo's product (seed=1..100 x three axes), not a sweep
+MAX_POINTS = 10_000
 _LAYER_KEY = re.compile(r"^(?:model\.)?layers\[(\d+)\]\.(\w+)$")
 _SECTION = re.compile(r"^(?:model|train)\.(\w+)$")
 
@@ -115,6 +119,11 @@ def check_axes(axes: Sequence[Axis]) -> None:
         if axis.key in seen:
             problems.append(Problem(axis.key, "given in two --set options", "--set"))
         seen.add(axis.key)
+    points = math.prod(len(axis.values) for axis in axes)
+    if points > MAX_POINTS:
+        sizes = " x ".join(str(len(axis.values)) for axis in axes)
+        problems.append(Problem(axes[0].key, f"the grid holds {sizes} = {points:,} points, "
+                                f"more than {MAX_POINTS:,}; sweep fewer values", "--set"))
     if problems:
         raise ConfigError(problems)
 

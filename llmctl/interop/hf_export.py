@@ -97,8 +97,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, fmt: s
     final = _target(Path(out), force)
     tmp, old = final.parent / f".{final.name}.tmp", final.parent / f".{final.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         _write_folder(tmp, adapter, config, vocab, sd, tok, info, dtype)
         if exact:  # the originals of rounded weights, for a bitwise import (fp32 as trained)
             from safetensors.torch import save_file
@@ -108,6 +108,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, fmt: s
         shutil.rmtree(old, ignore_errors=True)
         swap_folder(tmp, final, old)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise LlmctlError(f"could not write {final}: {err.strerror or err}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportReport(final, adapter.name, adapter.architecture, vocab,
@@ -119,7 +121,11 @@ def _target(out: Path, force: bool) -> Path:
         raise LlmctlError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LlmctlError(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent that is a file, a read-only or pseudo file system
+        raise LlmctlError(f"cannot create the folder {out.parent}: "
+                          f"{err.strerror or err}") from None
     return out.resolve()
 
 

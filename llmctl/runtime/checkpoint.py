@@ -35,7 +35,7 @@ FORMAT = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 OPTIMIZER = "optimizer.pt"
-OPTIMIZER_SIZE_FACTOR = 3  # times model.safetensors' size, plus the slack below
+OPTIMIZER_SIZE_FACTOR = 3  # times the size of the folder's weights, plus the slack below
 OPTIMIZER_SLACK = 64 << 20  # step counts, names and archive records
 TRAINER_STATE = "trainer_state.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -320,8 +320,10 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict | None, dict]:
     if file.exists() or file.is_symlink():
         if not file.is_file():
             raise CheckpointError(f"{file} is not a regular file")
-        # AdamW keeps two tensors per parameter (Muon one): a bigger file is not our state
-        limit = OPTIMIZER_SIZE_FACTOR * (folder / WEIGHTS).stat().st_size + OPTIMIZER_SLACK
+        # AdamW keeps two tensors per trained parameter (Muon one), and the trained
+        # parameters are the weights or a LoRA adapter: a bigger file is not our state
+        stored = sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.is_file())
+        limit = OPTIMIZER_SIZE_FACTOR * stored + OPTIMIZER_SLACK
         size = file.stat().st_size
         if size > limit:
             raise CheckpointError(f"{file} holds {size:,} bytes; the optimizer state of "

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config.schema import DEVICE_CHOICES, DEVICE_NAMES, DTYPES
 from ..core.errors import LlmctlError, one_of
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,7 +26,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's device index is one byte: cuda:99999 does not parse
+        raise LlmctlError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N with N "
+                          "< 128, or mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise LlmctlError(f"--device {name}: CUDA is not available on this machine "
@@ -143,3 +151,22 @@ def check_fits(need: dict[str, int], device: torch.device, what: str, advice: st
                       if k != "total" and v)
     raise LlmctlError(f"{what} needs about {human_bytes(need['total'])} ({parts}), but only "
                       f"{human_bytes(available)} is available ({source}); {advice}")
+
+
+def check_training_fits(run: RunConfig, device: torch.device, world_size: int = 1) -> None:
+    """Refuse a run whose weights, gradients, optimizer states and activations cannot fit on
+    `device` (model.costs' estimate is a lower bound: what could fit is never refused)."""
+    from ..model.costs import memory_estimate, parameter_counts
+
+    train = run.train
+    n_params = parameter_counts(run.model)["total"]
+    act_bytes = resolve_dtype(train.dtype, device).itemsize
+    est = memory_estimate(run.model, train, n_params, act_bytes)
+    trained = 0 if train.lora else est["grads"] + est["adamw_states"]  # LoRA: adapters only
+    shards = world_size if train.fsdp else 1
+    need = {"states": (est["weights"] + trained) // shards,
+            "activations": est["activations_act_recomp" if train.act_recomp else "activations"]}
+    need["total"] = sum(need.values())
+    check_fits(need, device, f"training {n_params:,} parameters at batch_size "
+               f"{train.batch_size} × block_size {run.model.block_size}",
+               "use a smaller model or --batch_size (or --act_recomp)")

@@ -18,7 +18,7 @@ from ..config.validate import batch_split_problems
 from ..core.errors import LlmctlError
 from ..runtime import distributed as dist_utils
 from ..runtime.checkpoint import save_checkpoint
-from ..runtime.device import Precision
+from ..runtime.device import Precision, check_training_fits
 from ..runtime.distributed import DistEnv
 from ..runtime.host_memory import keep_freed_memory
 from .data import TrainingData, open_training_data
@@ -99,6 +99,7 @@ class Trainer:
         else:  # steps reuse their freed host memory instead of faulting it in again
             keep_freed_memory()
         dist_utils.init(self.env, self.device)
+        check_training_fits(self.run, self.device, self.env.world_size)
         self.data: TrainingData = open_training_data(self.run, self.env)
         self._claim_run_dir()
         ckpt = self._resume_target()
@@ -312,7 +313,7 @@ class Trainer:
         try:
             path = plot_loss_curve(self.metrics.read(), self.run_dir / PLOT_FILE,
                                    title=self.cfg.file_name)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, LlmctlError) as err:  # LlmctlError: not a regular file
             self.console.info(f"warning: could not write the loss curve: {err}")
             return
         if self.verbose:

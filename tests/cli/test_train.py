@@ -134,6 +134,11 @@ BAD = {
                                 r"world_size 2 = 4 × 32 × 2 = 256"),
     "bad device": (lambda tmp: ["--device", "cuda:7"] if not torch.cuda.is_available()
                    else ["--device", "cuda:99"], r"--device cuda"),
+    "model that cannot fit": (lambda tmp: ["--n_embd", "65536"],
+                              r"training 25,793,527,808 parameters .* needs about 384\.\d+ GiB "
+                              r".* but only .* is available"),
+    "batch that cannot fit": (lambda tmp: ["--batch_size", "100000000", "--total_batch_size",
+                                           "3200000000"], r"activations \d+\.\d+ TiB"),
     "val too short for eval": (lambda tmp: ["--eval", "--block_size", "4000", "--batch_size",
                                             "1", "--total_batch_size", "4000"],
                                r"split 'val' .* too few for block_size 4000"),

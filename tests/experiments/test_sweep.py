@@ -77,6 +77,18 @@ def test_bad_keys_are_config_errors_naming_the_key(base):
         plan_sweep([base()], [parse_set("out_dir=a,b")])
 
 
+def test_a_grid_of_more_than_max_points_is_refused_before_it_is_expanded(base):
+    """seed=1..100 on three axes is a million points: refused from the axis sizes alone
+    (expanding it took minutes and gigabytes)."""
+    from llmctl.experiments.sweep import MAX_POINTS
+
+    values = ",".join(map(str, range(1, 101)))
+    axes = [parse_set(f"{key}={values}") for key in ("seed", "warmup_steps", "max_iters")]
+    with pytest.raises(ConfigError, match=r"100 x 100 x 100 = 1,000,000 points, more than "
+                       f"{MAX_POINTS:,}"):
+        plan_sweep([base()], axes)
+
+
 def test_an_invalid_point_stops_the_sweep_before_any_training_naming_every_bad_point(base):
     path = base()
     # n_embd=32 is not divisible by n_head=3: points 3 and 4 are bad, 1 and 2 fine

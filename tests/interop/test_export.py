@@ -129,6 +129,16 @@ def test_export_refuses_a_non_empty_folder_unless_forced(checkpoint, tmp_path):
     assert not (out / "keep.txt").exists()
 
 
+@pytest.mark.parametrize("where", ["afile/sub", "afile/sub/deeper", "/proc/llmctl-export"])
+def test_export_to_a_path_that_cannot_be_a_folder(checkpoint, tmp_path, where):
+    (tmp_path / "afile").write_text("mine")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    result = CliRunner().invoke(app, ["export", str(checkpoint({})), out])
+    assert result.exit_code == 2, result.output
+    assert "could not write" in result.output or "cannot create the folder" in result.output
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_export_bfloat16_weights(checkpoint, tmp_path):
     from safetensors import safe_open
 

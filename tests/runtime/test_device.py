@@ -30,6 +30,8 @@ def test_clear_errors():
         with pytest.raises(LlmctlError, match="CUDA is not available"):
             resolve_device("cuda")
         assert resolve_device("auto") in (torch.device("cpu"), torch.device("mps"))
+    with pytest.raises(LlmctlError, match="cuda:99999999999999: not a device"):
+        resolve_device("cuda:99999999999999")
 
 
 @pytest.mark.gpu
