@@ -185,6 +185,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         output_target(final)  # again: something may have been put there meanwhile
+        with contextlib.suppress(FileNotFoundError):  # a rewrite keeps the file's mode (+x)
+            os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -169,18 +169,31 @@ def run_tasks(loaded: Any, tasks: list[str], *, num_fewshot: int | None = None,
             limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
+    except FileNotFoundError as err:  # a local data file, or a Hub dataset offline
+        raise LlmctlError(f"task data for {', '.join(tasks)} could not be loaded "
+                          f"({_short(err)}): a data file the task's YAML names is missing, or "
+                          "the Hugging Face Hub is unreachable or offline (offline, use a task "
+                          "whose YAML reads local files under --include_path)") from None
     except (ConnectionError, OSError) as err:
         raise LlmctlError(_hub_message(tasks, err)) from None
     except Exception as err:  # datasets wraps the offline failure in its own error types
         if any(word in str(err).lower() for word in ("offline", "connection", "hub", "resolve")):
             raise LlmctlError(_hub_message(tasks, err)) from None
+        if include_path and isinstance(err, (TypeError, KeyError, IndexError, ValueError)):
+            # a YAML of the user's: an unknown key, an answer index past its choices ...
+            raise LlmctlError(f"lm-eval could not run {', '.join(tasks)} ({_short(err)}); "
+                              f"check the task's YAML and data under {include_path}") from None
         raise
     return TaskResults(out["results"], out.get("versions", {}), out.get("n-samples", {}),
                        {"num_fewshot": num_fewshot, "limit": limit, "tasks": tasks})
 
 
+def _short(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:200]}"
+
+
 def _hub_message(tasks: list[str], err: BaseException) -> str:
     return (f"task data for {', '.join(tasks)} could not be loaded: the Hugging Face Hub is "
-            f"unreachable or offline ({type(err).__name__}: {str(err)[:200]}). Offline, use a "
+            f"unreachable or offline ({_short(err)}). Offline, use a "
             "task whose YAML reads local files (dataset_path: json + data_files) under "
             "--include_path")

@@ -130,9 +130,11 @@ def check_config_json(raw: Any, file: Path, newest_format: int) -> None:
         m.number(key)
     tokenizer = f.mapping("tokenizer", required=False, nullable=True)
     if tokenizer is not None:
-        kind = tokenizer.get("kind")
-        if not isinstance(kind, str):
-            f.fail("tokenizer.kind", f"must be a tokenizer name, got {preview(kind)}")
+        from ..data.tokenizer_base import spec_problems
+
+        problems = spec_problems(tokenizer)
+        if problems:
+            raise CheckpointError(f"{file}: the tokenizer is not valid: {'; '.join(problems)}")
     f.string("llmctl_version")
     f.string("created")
 

@@ -56,6 +56,14 @@ def test_a_symlink_to_a_file_is_written_through(tmp_path):
     assert link.read_text() == "again"
 
 
+def test_a_rewrite_keeps_the_files_mode(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text("old")
+    script.chmod(0o750)  # made executable by its user
+    write_text_atomic(script, "new")
+    assert script.read_text() == "new" and stat.S_IMODE(script.stat().st_mode) == 0o750
+
+
 def test_swap_folder_still_replaces_a_folder(tmp_path):
     final, new, old = tmp_path / "latest", tmp_path / ".latest.new", tmp_path / ".latest.old"
     final.mkdir()

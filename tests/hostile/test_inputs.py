@@ -272,6 +272,9 @@ BROKEN = {
     "metrics_string": ({"config": lambda c: c.update(metrics={"loss": "low"})},
                        "field 'metrics.loss'"),
     "tokenizer_list": ({"config": lambda c: c.update(tokenizer=[1])}, "field 'tokenizer'"),
+    "special_tokens_list": ({"config": lambda c: c["tokenizer"].update(
+        special_tokens=["<|endoftext|>"])}, "config.json: the tokenizer is not valid: "
+        "tokenizer.special_tokens"),
     "rng_x": ({"state": lambda s: s.update(rng="x")}, "trainer_state.json: field 'rng'"),
     "best_val_x": ({"state": lambda s: s.update(best_val="x")}, "field 'best_val'"),
     "elapsed_inf": ({"state": lambda s: s.update(elapsed=float("inf"))}, "field 'elapsed'"),
@@ -285,7 +288,8 @@ BROKEN = {
     "wrong_step": ({"optimizer": lambda o: o["state"]["wte.weight"].update(
         step=torch.tensor(float("nan")))}, "state[wte.weight].step"),
 }
-CONFIG_ROWS = ["step_lots", "step_negative", "metrics_string", "tokenizer_list"]
+CONFIG_ROWS = ["step_lots", "step_negative", "metrics_string", "tokenizer_list",
+               "special_tokens_list"]
 
 
 @pytest.mark.parametrize("row", ["step_lots"])  # the issue's row; the class in-process below

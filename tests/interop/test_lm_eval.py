@@ -123,3 +123,25 @@ def test_hub_task_offline_says_so(checkpoint, monkeypatch):
                                       "--limit", "2", "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "Hub is unreachable or offline" in result.output
+
+
+BROKEN_TASKS = {
+    "unknown key": (lambda f: (f / "tiny_mc.yaml").write_text(
+        (f / "tiny_mc.yaml").read_text() + "bogus_key: 3\n"), "unexpected keyword argument"),
+    "answer past the choices": (lambda f: (f / "tiny_mc.jsonl").write_text("".join(
+        json.dumps({**d, "answer": 5}) + "\n" for d in DOCS)), "IndexError"),
+    "missing data file": (lambda f: (f / "tiny_mc.jsonl").unlink(),
+                          "a data file the task's YAML names is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_TASKS))
+def test_a_broken_local_task_is_a_message(checkpoint, tmp_path, case):
+    edit, needle = BROKEN_TASKS[case]
+    tasks = write_task(tmp_path / "tasks")
+    edit(tasks)
+    result = CliRunner().invoke(app, ["eval", str(checkpoint({})), "--tasks", "tiny_mc",
+                                      "--include_path", str(tasks), "--device", "cpu",
+                                      "--limit", "2"])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
