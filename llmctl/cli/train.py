@@ -32,11 +32,11 @@ def train(
     # a worker started by `--nproc` (its launcher sets the variable; torch is not imported
     # here, so the name is spelled out rather than imported from train.launch)
     launched_worker = bool(os.environ.get("LLMCTL_LAUNCHER_PID") and os.environ.get("WORLD_SIZE"))
-    if launched_worker:
-        from ..train.launch import die_with_parent
-
-        die_with_parent()  # never outlive the launcher
     try:
+        if launched_worker:
+            from ..train.launch import die_with_parent
+
+            die_with_parent()  # never outlive the launcher
         if not launched_worker:  # the --nproc workers get the imported path
             # every rank of a hand-started torchrun: the first imports, the others wait
             overrides = with_hf_init(config_files, overrides)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,13 @@ def _shard_files(index: Path) -> list[str]:
     return sorted(files)
 
 
-def read_hf_weights(folder: Path) -> StateDict:
-    """model.safetensors, or the shards its index names; pickled weights are refused."""
+def read_hf_weights(folder: Path, max_numbers: int | None = None) -> StateDict:
+    """model.safetensors, or the shards its index names; pickled weights are refused. Every
+    file's header is read first: each must be a regular safetensors file, and together they
+    may hold at most `max_numbers` numbers (checked before any tensor is read)."""
     from safetensors import SafetensorError, safe_open
+
+    from ..runtime.weights_header import read_header, stored_numbers
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -98,8 +103,12 @@ def read_hf_weights(folder: Path) -> StateDict:
                 "with transformers: model.save_pretrained(out, safe_serialization=True))"
                 if pickled else "")
         raise LlmctlError(f"{folder} has no model.safetensors{hint}")
-    sd: StateDict = {}
     exact = [EXACT_FILE] if (folder / EXACT_FILE).is_file() else []
+    numbers = sum(stored_numbers(read_header(folder / name)[0]) for name in files)
+    if max_numbers is not None and numbers > max_numbers:
+        raise LlmctlError(f"the weights of {folder} hold {numbers:,} numbers, more than the "
+                          f"model its config.json describes can use ({max_numbers:,})")
+    sd: StateDict = {}
     for name in files + exact:
         prefix = EXACT_PREFIX if name == EXACT_FILE else ""
         try:
@@ -160,7 +169,11 @@ def load_hf(path: str | os.PathLike) -> HFModel:
         run = load_config({"model": model, "layers": layers}, check_batch_split=False)
     except ConfigError as err:
         raise ImportRefused(f"{folder}: the translated config is invalid:\n{err}") from None
-    raw = read_hf_weights(folder)
+    from ..runtime.checkpoint import model_shapes
+
+    # an untied head or a buffer may come beside the model's own numbers, not much more
+    wanted = sum(math.prod(shape) for shape in model_shapes(run.model).values())
+    raw = read_hf_weights(folder, max_numbers=2 * wanted + (1 << 20))
     embed = next((k for k in ("model.embed_tokens.weight", "transformer.wte.weight")
                   if k in raw), None)
     head = raw.get("lm_head.weight")
@@ -171,6 +184,10 @@ def load_hf(path: str | os.PathLike) -> HFModel:
         sd = adapter.from_hf(raw, run.model, hf)
     except KeyError as err:
         raise LlmctlError(f"{folder}: weight {err} is missing for a {kind} model") from None
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
+        # a weight of the wrong rank or dtype that the adapter's reshapes cannot take
+        raise LlmctlError(f"{folder}: the weights do not fit a {kind} model of this config "
+                          f"({type(err).__name__}: {str(err)[:200]})") from None
     _check_fits(sd, run.model, folder)
     spec, tok = _tokenizer(folder, hf)
     if tok.vocab_size > run.model.vocab_size:

@@ -3,10 +3,11 @@ special tokens, and (for adapter checkpoints) base + adapter rebuilt as one mode
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import LlmctlError
+from ..core.errors import LlmctlError, preview
 from .checkpoint import WEIGHTS, CheckpointError, read_checkpoint, read_weights
 from .lora import sha256_of
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
 
 EMBEDDING = "wte.weight"
 HEAD = "lm_head.weight"
+_MAX_PATH = 4096  # PATH_MAX
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def weights_sha256(folder: Path) -> str:
@@ -82,14 +85,26 @@ def adapter_base(raw: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     if not isinstance(base, dict) or not base.get("path") or not base.get("sha256"):
         raise CheckpointError(f"{folder}/config.json has an adapter record without its base "
                               "path and sha256")
+    path, sha = base["path"], base["sha256"]
+    if not isinstance(path, str) or len(path) > _MAX_PATH or "\0" in path:
+        raise CheckpointError(f"{folder}/config.json: adapter.base.path must be a folder path "
+                              f"(a string of at most {_MAX_PATH} characters), got {preview(path)}")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise CheckpointError(f"{folder}/config.json: adapter.base.sha256 must be 64 hex "
+                              f"digits, got {preview(sha)}")
     return base
 
 
 def resolve_base_path(base: dict[str, Any], folder: Path) -> Path:
     """The base checkpoint folder: as recorded, else relative to the adapter checkpoint."""
     path = Path(base["path"])
-    if not path.is_absolute() and not path.exists():
-        path = folder / path
+    try:
+        if not path.is_absolute() and not path.exists():
+            path = folder / path
+        path.exists()  # a name the system cannot take (too long) fails here, not later
+    except OSError as err:
+        raise CheckpointError(f"{folder}/config.json: adapter.base.path cannot be a folder "
+                              f"here ({err.strerror or err})") from None
     return path
 
 

@@ -37,7 +37,11 @@ def env_from_torchrun() -> DistEnv:
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as err:
         raise LlmctlError(f"malformed torchrun environment: {err}") from None
-    return DistEnv(rank=rank, local_rank=local, world_size=max(1, world))
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise LlmctlError(f"malformed torchrun environment: WORLD_SIZE={world}, RANK={rank}, "
+                          f"LOCAL_RANK={local} (need WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE, "
+                          "LOCAL_RANK >= 0)")
+    return DistEnv(rank=rank, local_rank=local, world_size=world)
 
 
 def init(env: DistEnv, device: torch.device) -> None:
@@ -47,6 +51,10 @@ def init(env: DistEnv, device: torch.device) -> None:
     if "MASTER_ADDR" not in os.environ:
         raise LlmctlError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun "
                           "(or llmctl train --nproc N)")
+    port = os.environ.get("MASTER_PORT", "")
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise LlmctlError(f"MASTER_PORT={port!r}: it must be a port number from 1 to 65535 "
+                          "(torchrun and llmctl train --nproc N set it)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))

@@ -5,12 +5,15 @@ alias metadata naming nothing is refused from the header alone, every mismatch l
 from __future__ import annotations
 
 import json
+import math
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..core.bounds import loads_json
 from ..core.errors import preview
+from ..core.files import file_kind
 from .checkpoint_data import CheckpointError
 
 HEADER_LIMIT = 100 << 20  # safetensors' own bound on its JSON header
@@ -24,7 +27,10 @@ def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
         return CheckpointError(f"{file} is truncated or corrupted ({why}); restore it from "
                                   "a good copy or use another checkpoint")
 
-    size = file.stat().st_size
+    info = file.stat()
+    if not stat.S_ISREG(info.st_mode):  # opening a FIFO would block
+        raise CheckpointError(f"{file} is {file_kind(info.st_mode)}, not a regular file")
+    size = info.st_size
     with open(file, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         if size < 8 or length > min(HEADER_LIMIT, size - 8):
@@ -99,3 +105,8 @@ def check_header(file: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
         raise CheckpointError(f"weights in {file} do not fit the model its config.json "
                                  f"describes:\n  {shown}")
     return aliases
+
+
+def stored_numbers(entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:
+    """How many numbers the tensors of a header hold."""
+    return sum(math.prod(shape) for _, shape in entries.values())

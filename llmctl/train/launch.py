@@ -95,11 +95,14 @@ def die_with_parent() -> None:
     prctl = _prctl()
     if not launcher or prctl is None:
         return
+    if not launcher.isdigit() or not 0 < int(launcher) < 2**31:
+        raise LlmctlError(f"{LAUNCHER_PID_ENV}={launcher[:40]!r} is not a process id (llmctl "
+                          "train --nproc sets it for its workers; unset it)")
     parent = os.getppid()
     prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     try:
         os.kill(int(launcher), 0)
-    except (ProcessLookupError, ValueError):
+    except ProcessLookupError:
         os._exit(1)
     except PermissionError:  # pragma: no cover - alive, another user's pid
         pass

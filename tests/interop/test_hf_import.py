@@ -4,6 +4,7 @@ import and match their own logits; what llmctl cannot represent is refused with 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,53 @@ def test_gpt2_with_biases_is_refused(tmp_path):
         "h.0.attn.c_attn.bias is not zero" in _refusal(folder)
 
 
+WRONG_WEIGHTS = {  # a weight of the wrong rank / size / dtype -> the refusal names the fit
+    "3-d projection": ("gpt2", "transformer.h.0.attn.c_attn.weight",
+                       lambda t: torch.zeros(2, *t.shape), "RuntimeError"),
+    "empty bias": ("gpt2", "transformer.h.0.attn.c_attn.bias", lambda t: torch.zeros(0),
+                   "RuntimeError"),
+    "bool bias": ("gpt2", "transformer.h.0.attn.c_attn.bias",
+                  lambda t: torch.ones(t.shape, dtype=torch.bool), "NotImplementedError"),
+    "1-d q_proj": ("llama", "model.layers.0.self_attn.q_proj.weight",
+                   lambda t: torch.zeros(t.numel()), "RuntimeError"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_WEIGHTS))
+def test_a_weight_of_the_wrong_rank_or_dtype_is_refused(case, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    family, name, edit, kind = WRONG_WEIGHTS[case]
+    folder = _save_hf(HF_CONFIGS[family](), tmp_path / "hf")
+    sd = load_file(folder / "model.safetensors")
+    sd[name] = edit(sd[name])
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    assert f"the weights do not fit a {family} model of this config ({kind}" in _refusal(folder)
+
+
+def test_a_shard_that_is_a_fifo_or_far_too_large_is_not_read(tmp_path):
+    """Headers first: a FIFO shard hung the import; a 4 GB stray tensor was read whole."""
+    from safetensors import safe_open
+
+    folder = _save_hf(HF_CONFIGS["llama"](), tmp_path / "hf")
+    (folder / "model.safetensors").rename(folder / "s1.safetensors")
+    with safe_open(str(folder / "s1.safetensors"), "pt") as f:
+        names = list(f.keys())  # noqa: SIM118
+    weight_map = {name: "s1.safetensors" for name in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {**weight_map, names[0]: "s2.safetensors"}}))
+    os.mkfifo(folder / "s2.safetensors")
+    assert "s2.safetensors is a FIFO (named pipe), not a regular file" in _refusal(folder)
+    (folder / "s2.safetensors").unlink()
+    header = json.dumps({"junk": {"dtype": "F32", "shape": [10**9],
+                                  "data_offsets": [0, 4 * 10**9]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(folder / "s2.safetensors", "wb") as f:  # sparse: costs no disk
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 4 * 10**9)
+    assert "hold 1,000,0" in _refusal(folder)
+
+
 def test_untied_llama_and_scaled_rope_are_refused(tmp_path):
     config = HF_CONFIGS["llama"]()
     config.tie_word_embeddings = False
@@ -241,7 +289,6 @@ def test_a_malformed_config_json_is_refused_with_its_reason(text, tmp_path):
 
 
 def test_a_config_json_that_is_a_fifo_or_too_large_is_not_read(tmp_path, monkeypatch):
-    import os
 
     from llmctl.core.errors import LlmctlError
     from llmctl.interop import hf_import

@@ -93,6 +93,27 @@ def test_the_adapter_checkpoint_loads_transparently_and_refuses_a_changed_base(
         load_checkpoint(adapter_copy, device="cpu")
 
 
+@pytest.mark.parametrize("field, value, reason", [
+    ("path", ["x"], "adapter.base.path must be a folder path"),
+    ("path", 5, "adapter.base.path must be a folder path"),
+    ("path", "x" * 5000, "adapter.base.path must be a folder path"),
+    ("path", "x" * 300, "adapter.base.path cannot be a folder here"),
+    ("sha256", 123, "adapter.base.sha256 must be 64 hex digits"),
+])
+def test_the_adapters_base_record_is_checked_as_data(lora_run, tmp_path, field, value, reason):
+    """merge-lora, sample and eval read it: a wrong type was a traceback."""
+    import json
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(lora_run.run_dir / "latest", folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["adapter"]["base"][field] = value
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(LlmctlError, match=reason):
+        load_checkpoint(folder, device="cpu")
+
+
 def test_merge_lora_writes_a_plain_checkpoint_with_the_same_logits(finetune_base, tmp_path):
     trainer = _train(finetune_base, file_name="lora_merge", max_iters=2)
     folder = trainer.run_dir / "latest"
