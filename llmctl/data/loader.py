@@ -160,6 +160,22 @@ class ChatBatchSampler:
         self.batch_size, self.block_size, self.pad_id = batch_size, block_size, pad_id
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.samples_drawn = 0
+        self._check_targets()
+
+    def _check_targets(self, probes: int = 1024) -> None:
+        """Refuse a split most of whose conversations hold no target within block_size: a
+        batch of those leaves the loss nothing (its mean over no tokens is NaN)."""
+        picked = np.unique(np.linspace(0, self.num_conversations - 1, probes).astype(np.int64))
+        useful = 0
+        for c in picked:
+            start = int(self.offsets[c])
+            end = min(int(self.offsets[c + 1]), start + self.block_size + 1)
+            useful += bool(np.asarray(self.mask[start + 1:end]).any())
+        if 2 * useful < len(picked):
+            raise LlmctlError(f"{self.name}: only {useful} of {len(picked)} conversations have "
+                              f"an assistant token within their first block_size="
+                              f"{self.block_size} tokens, so most batches have nothing to "
+                              "learn; use a larger --block_size or shorter system / user turns")
 
     @property
     def num_conversations(self) -> int:

@@ -81,7 +81,8 @@ def test_config_file_and_flags_take_precedence(tmp_path: Path) -> None:
 def test_checkpoint_and_run_folder(tmp_path: Path) -> None:
     run = load_config(overrides=_flags_to_overrides(SMALL + ARCHS["mla"]),
                       check_batch_split=False)
-    payload = {"config": run.to_dict(), "step": 7, "tokenizer": {"kind": "tiktoken", "name": "gpt2"}}
+    payload = {"config": run.to_dict(), "step": 7,
+               "tokenizer": {"kind": "tiktoken", "name": "gpt2"}}
     (tmp_path / "latest").mkdir()
     (tmp_path / "latest" / "config.json").write_text(json.dumps(payload))
     result = invoke(str(tmp_path / "latest"), "--json")

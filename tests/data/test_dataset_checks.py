@@ -102,6 +102,17 @@ def test_chat_offsets_are_checked_when_the_split_is_opened(copy, damage):
         PreparedDataset(folder).random_batches("train", 2, 16, seed=0)
 
 
+def test_chat_data_without_a_target_within_block_size_is_refused(prepared):
+    """Windows cut before the first assistant token leave the loss nothing (its mean: NaN),
+    which training reported as divergence, advising a lower learning rate."""
+    dataset = PreparedDataset(prepared["chat"])
+    with pytest.raises(LlmctlError, match=r"only 0 of \d+ conversations have an assistant token "
+                       "within their first block_size=2 tokens"):
+        dataset.random_batches("train", 2, 2, seed=0)
+    _, y = dataset.random_batches("train", 2, 16, seed=0).next_batch()
+    assert (y >= 0).any()
+
+
 def test_a_token_id_beyond_the_vocabulary_is_named_per_batch(copy):
     folder = copy("text")
     tokens = np.fromfile(folder / "train.bin", dtype="<u2")
