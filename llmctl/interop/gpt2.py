@@ -98,9 +98,13 @@ def from_hf_config(hf: dict[str, Any]) -> LLMConfig:
 
 def from_hf(sd: StateDict, config: LLMConfig, hf: dict[str, Any]) -> StateDict:
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    nonzero = [k for k, v in sd.items() if k.endswith(".bias") and ".ln_" not in k
-               and k.startswith("h.") and v.abs().max() > 0]
-    refuse("GPT-2", [f"{k} is not zero (llmctl's linears have no bias)" for k in nonzero[:5]])
+    biases = {k: v for k, v in sd.items()
+              if k.endswith(".bias") and ".ln_" not in k and k.startswith("h.")}
+    # == 0 everywhere, not max(|v|) > 0: a NaN bias is not zero either
+    bad = [f"{k} is empty" if v.numel() == 0 else
+           f"{k} is not zero (llmctl's linears have no bias)"
+           for k, v in biases.items() if v.numel() == 0 or not bool((v == 0).all())]
+    refuse("GPT-2", bad[:5])
     out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
            "norm_f.weight": sd["ln_f.weight"], "norm_f.bias": sd["ln_f.bias"]}
     for i in range(config.n_layer):

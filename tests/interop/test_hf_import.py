@@ -200,10 +200,6 @@ def test_gpt2_with_biases_is_refused(tmp_path):
 WRONG_WEIGHTS = {  # a weight of the wrong rank / size / dtype -> the refusal names the fit
     "3-d projection": ("gpt2", "transformer.h.0.attn.c_attn.weight",
                        lambda t: torch.zeros(2, *t.shape), "RuntimeError"),
-    "empty bias": ("gpt2", "transformer.h.0.attn.c_attn.bias", lambda t: torch.zeros(0),
-                   "RuntimeError"),
-    "bool bias": ("gpt2", "transformer.h.0.attn.c_attn.bias",
-                  lambda t: torch.ones(t.shape, dtype=torch.bool), "NotImplementedError"),
     "1-d q_proj": ("llama", "model.layers.0.self_attn.q_proj.weight",
                    lambda t: torch.zeros(t.numel()), "RuntimeError"),
 }
@@ -242,6 +238,23 @@ def test_a_shard_that_is_a_fifo_or_far_too_large_is_not_read(tmp_path):
         f.write(len(header).to_bytes(8, "little") + header)
         f.truncate(8 + len(header) + 4 * 10**9)
     assert "hold 1,000,0" in _refusal(folder)
+
+
+@pytest.mark.parametrize("bias, reason", [
+    (lambda t: torch.full_like(t, float("nan")), "c_attn.bias is not zero"),
+    (lambda t: torch.zeros(0), "c_attn.bias is empty"),
+    (lambda t: torch.ones(t.shape, dtype=torch.bool), "c_attn.bias is not zero"),
+])
+def test_a_gpt2_bias_that_is_not_plainly_zero_is_refused(bias, reason, tmp_path):
+    """A NaN bias passed the old max(|b|) > 0 test and was dropped without a word."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _save_hf(HF_CONFIGS["gpt2"](), tmp_path / "hf")
+    sd = load_file(folder / "model.safetensors")
+    name = "transformer.h.0.attn.c_attn.bias"
+    sd[name] = bias(sd[name])
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    assert reason in _refusal(folder)
 
 
 def test_untied_llama_and_scaled_rope_are_refused(tmp_path):
