@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import LlmctlError
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a recorded sha256: 64 lowercase hex digits
 MAX_DEPTH = 32  # configs nest 4 deep; checkpoint JSON a little more
 MAX_NODES = 1_000_000  # values visited, an alias counted once per use (alias bombs)
 

@@ -217,17 +217,19 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def open_regular(path: str | os.PathLike, flags: int, what: str, mode: int = 0o644) -> int:
+def open_regular(path: str | os.PathLike, flags: int, what: str, mode: int = 0o644, *,
+                 follow_links: bool = False) -> int:
     """A descriptor of `path` (os.open `flags`; O_CREAT creates it) that is a regular file:
-    never through a symlink (a planted one would aim our writes elsewhere), never blocking
-    (a FIFO), never a device. Not one: a UserFileError; other OSErrors pass through."""
+    never through a symlink unless `follow_links` (a planted one would aim a lock's writes
+    elsewhere), never blocking (a FIFO), never a device. Not one: a UserFileError; other
+    OSErrors pass through."""
     label = f"{what} {path}"
-    with contextlib.suppress(FileNotFoundError):  # lstat first: opening a device can act
-        kind = os.lstat(path).st_mode
+    with contextlib.suppress(FileNotFoundError):  # stat first: opening a device can act
+        kind = (os.stat if follow_links else os.lstat)(path).st_mode
         if not stat.S_ISREG(kind):
             raise UserFileError(label, f"is {file_kind(kind)}, not a regular file")
-    extra = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    extra = (getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0)))
     try:
         fd = os.open(path, flags | extra, mode)
     except OSError as err:

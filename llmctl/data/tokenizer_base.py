@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..core.bounds import SHA256_HEX
 from ..core.errors import LlmctlError, one_of, preview
 from ..core.files import read_user_file
 
@@ -18,7 +18,6 @@ MAX_TOKENIZER_BYTES = 256 * 2**20  # Llama 3's tokenizer.json is 9 MB, the large
 
 KINDS = ("tiktoken", "char", "byte", "bpe", "hf")
 MAX_TOKEN_ID = 2**32 - 1  # ids are stored as uint32 at most
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 EOT_TEXT = "<|endoftext|>"
 REPLACEMENT = "\ufffd"  # what an id the vocabulary lacks decodes to
@@ -108,7 +107,7 @@ def spec_problems(spec: Any, where: str = "tokenizer") -> list[str]:
         problems.append(f"{where}.file must be a file name relative to its folder, got "
                         f"{preview(rel)}")
     sha = spec.get("sha256")
-    if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+    if sha is not None and not (isinstance(sha, str) and SHA256_HEX.fullmatch(sha)):
         problems.append(f"{where}.sha256 must be 64 lowercase hex digits, got {preview(sha)}")
     special = spec.get("special_tokens")
     if "special_tokens" in spec and not (isinstance(special, dict) and all(

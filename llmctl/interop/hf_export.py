@@ -75,7 +75,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, fmt: s
                       dtype: str | None = None, force: bool = False) -> ExportReport:
     """Write the transformers folder `out` for checkpoint (or run folder) `ckpt`, atomically."""
     from ..data.tokenizers import tokenizer_from_spec
-    from ..runtime.checkpoint import read_checkpoint, read_weights
+    from ..runtime.checkpoint import model_shapes, read_checkpoint, read_weights
 
     require("transformers")
     if dtype is not None and dtype not in EXPORT_DTYPES:
@@ -87,7 +87,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, fmt: s
     config = info.run.model
     adapter, why = choose_adapter(config, fmt)
     vocab = tok.vocab_size
-    sd = hf_state_dict(read_weights(info.path), config, adapter, vocab)
+    sd = hf_state_dict(read_weights(info.path, model_shapes(config)), config, adapter, vocab)
     exact = {k: sd.pop(k) for k in [k for k in sd if k.startswith(EXACT_PREFIX)]}
     if dtype is not None:
         import torch

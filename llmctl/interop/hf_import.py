@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,10 +168,10 @@ def load_hf(path: str | os.PathLike) -> HFModel:
         run = load_config({"model": model, "layers": layers}, check_batch_split=False)
     except ConfigError as err:
         raise ImportRefused(f"{folder}: the translated config is invalid:\n{err}") from None
-    from ..runtime.checkpoint import model_shapes
+    from ..model.costs import parameter_counts
 
     # an untied head or a buffer may come beside the model's own numbers, not much more
-    wanted = sum(math.prod(shape) for shape in model_shapes(run.model).values())
+    wanted = parameter_counts(run.model)["total"]
     raw = read_hf_weights(folder, max_numbers=2 * wanted + (1 << 20))
     embed = next((k for k in ("model.embed_tokens.weight", "transformer.wte.weight")
                   if k in raw), None)

@@ -3,10 +3,10 @@ special tokens, and (for adapter checkpoints) base + adapter rebuilt as one mode
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.bounds import SHA256_HEX
 from ..core.errors import LlmctlError, preview
 from .checkpoint import WEIGHTS, CheckpointError, read_checkpoint, read_weights
 from .lora import sha256_of
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 EMBEDDING = "wte.weight"
 HEAD = "lm_head.weight"
 _MAX_PATH = 4096  # PATH_MAX
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def weights_sha256(folder: Path) -> str:
@@ -89,7 +88,7 @@ def adapter_base(raw: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     if not isinstance(path, str) or len(path) > _MAX_PATH or "\0" in path:
         raise CheckpointError(f"{folder}/config.json: adapter.base.path must be a folder path "
                               f"(a string of at most {_MAX_PATH} characters), got {preview(path)}")
-    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+    if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
         raise CheckpointError(f"{folder}/config.json: adapter.base.sha256 must be 64 hex "
                               f"digits, got {preview(sha)}")
     return base

@@ -256,13 +256,9 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of the model `config` (a ModelConfig) describes, without its
     memory (built on the meta device)."""
-    import torch
+    from ..model.costs import build_meta_model
 
-    from ..model import LLM
-
-    with torch.device("meta"):
-        model = LLM(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return {name: tuple(t.shape) for name, t in build_meta_model(config).state_dict().items()}
 
 
 def read_weights(folder: Path, shapes: Mapping[str, tuple[int, ...]] | None = None

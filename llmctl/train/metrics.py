@@ -6,14 +6,13 @@ import contextlib
 import json
 import math
 import os
-import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..core.errors import LlmctlError
-from ..core.files import JSONL_RECORD_LIMIT, atomic_file, bounded_lines
+from ..core.files import JSONL_RECORD_LIMIT, UserFileError, atomic_file, bounded_lines, open_regular
 from ..core.units import human_count, human_duration
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,11 +29,11 @@ class MetricsFile:
         full disk) is undone by truncating back to the previous size, so no torn line
         stays behind for the next append to glue onto."""
         data = (json.dumps(_finite(record), separators=(",", ":")) + "\n").encode("utf-8")
-        try:  # O_NONBLOCK: a FIFO put there since the run folder was checked cannot block
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise LlmctlError(f"cannot append to {self.path}: not a regular file")
+        try:  # a FIFO put there since the run folder was checked cannot block
+            fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "metrics file",
+                              follow_links=True)
+        except UserFileError as err:
+            raise LlmctlError(f"cannot append to {self.path}: {err.reason}") from None
         except OSError as err:
             raise LlmctlError(f"cannot append to {self.path}: {err.strerror or err}") from None
         try:
